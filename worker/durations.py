@@ -59,7 +59,7 @@ def _fmt_frac(value: int, digits: int) -> str:
     return f"{whole}.{str(frac).rjust(digits, '0').rstrip('0')}"
 
 
-def format(seconds: float) -> str:  # noqa: A001 - mirrors Go's Duration.String
+def format(seconds: float) -> str:
     """Go's ``time.Duration.String()`` for a duration in seconds."""
     ns = round(seconds * 1e9)
     if ns == 0:
