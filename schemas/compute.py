@@ -118,7 +118,7 @@ class ExecutionLogsRequest(Struct, kw_only=True):
     SourcePeerID: PeerID
     ExecutionID: ExecutionID
     Follow: bool = False
-    TailBytes: Annotated[int, Meta(ge=0)] | None = None
+    TailBytes: Annotated[int, Meta(ge=0, le=2**63 - 1)] | None = None
 
 
 class ExecutionLogsResponse(Struct, kw_only=True):

@@ -13,7 +13,8 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import Meta, Struct
 
-NonEmpty = Annotated[str, Meta(min_length=1, max_length=1024)]
+# Go reads these as int64: anything wider is a 400, never a 500 further down.
+Int64 = Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)]
 
 
 class Engine(StrEnum):
@@ -29,7 +30,7 @@ class Verifier(StrEnum):
 
 
 class Publisher(StrEnum):
-    """Publisher names: the v0.3.25 ``Spec.Publisher`` enum plus the v1.0 ``PublisherSpec.Type``s."""
+    """Publisher names: v0.3.25 ``Spec.Publisher`` plus the v1.0 ``PublisherSpec.Type``s."""
 
     NOOP = "Noop"
     IPFS = "Ipfs"
@@ -56,6 +57,11 @@ class NetworkType(StrEnum):
     FULL = "Full"
     HTTP = "HTTP"
 
+
+# Aliases for annotations inside Structs whose fields shadow the enum names.
+EngineT = Engine
+VerifierT = Verifier
+PublisherT = Publisher
 
 # Names used in "unknown <name> \"X\"" errors, per enum type.
 ENUM_NAMES: dict[type[StrEnum], str] = {
@@ -141,9 +147,9 @@ class NetworkConfig(Struct, kw_only=True):
 
 
 class Deal(Struct, kw_only=True):
-    Concurrency: int = 0
-    Confidence: int = 0
-    MinBids: int = 0
+    Concurrency: Int64 = 0
+    Confidence: Int64 = 0
+    MinBids: Int64 = 0
 
 
 class PublisherSpec(Struct, kw_only=True):
@@ -169,12 +175,12 @@ class Spec(Struct, kw_only=True):
     Deal: Deal = msgspec.field(default_factory=Deal)
 
     @property
-    def verifier(self) -> Verifier:
+    def verifier(self) -> VerifierT:
         """The verifier to use: an absent one (v1.0.4 specs dropped the field) means Noop."""
         return self.Verifier or Verifier.NOOP
 
     @property
-    def publisher(self) -> Publisher:
+    def publisher(self) -> PublisherT:
         """``PublisherSpec.Type`` when set, else ``Publisher``, else Noop."""
         if self.PublisherSpec is not None and self.PublisherSpec.Type is not None:
             return self.PublisherSpec.Type
