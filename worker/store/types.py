@@ -69,6 +69,8 @@ class OutboxMessage(msgspec.Struct, kw_only=True, frozen=True):
     kind: str
     body: bytes
     headers: dict[str, str]
+    # Trace context the send span links to (not published): the ask's, when it differs.
+    link: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class OutboxRow(msgspec.Struct, kw_only=True):
@@ -83,6 +85,7 @@ class OutboxRow(msgspec.Struct, kw_only=True):
     parked: bool = False
     delivered: bool = False
     last_error: str = ""
+    link: dict[str, str] = msgspec.field(default_factory=dict)
 
 
 class Tombstone(msgspec.Struct, kw_only=True, frozen=True):
