@@ -17,7 +17,8 @@
                  │        ──VerificationExpired──► Failed
                  │ ResultAccepted
                  ▼
-          ResultAccepted ──PublishStarted──► Publishing ──PublishCompleted──► Completed (PublishResult)
+          ResultAccepted ──PublishStarted──► Publishing ──PublishCompleted──► Completed
+                                                  │                        (PublishResult)
                                                   └──PublishError──► Failed
 ```
 

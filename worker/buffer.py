@@ -1,0 +1,150 @@
+"""ExecutorBuffer: the queue between an accepted bid and a running job (Bacalhau
+``compute/executor_buffer.go``), with the reference's defects fixed.
+
+Kept from Bacalhau: FIFO with skip — one pass over the queue starts every job that fits
+in the running capacity, so a big job is skipped and smaller later jobs still start.
+
+Fixed:
+- a cancel removes a queued execution and frees its capacity at once;
+- capacity is freed when the run really ends (the task's ``finally``), never on a timer
+  while the engine may still be running;
+- the timeout lives in the executor and fails the execution exactly once;
+- starvation: skipping is what lets small jobs through, but unbounded skipping starves a
+  big job forever. A job skipped for longer than ``skip_limit`` can no longer be
+  overtaken: the pass stops at it, capacity drains until it fits, then it starts. The
+  trade-off is some idle capacity while that happens, bounded by the running jobs'
+  timeouts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from worker.capacity.pool import CapacityPool
+from worker.executor import BaseExecutor
+from worker.store.types import Execution
+from worker.tasks import TaskOwner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Queued:
+    execution: Execution
+    enqueued_at: float
+    first_skipped: float | None = None
+
+
+class ExecutorBuffer:
+    """Admits accepted executions to the executor as running capacity allows."""
+
+    def __init__(
+        self, *, executor: BaseExecutor, pool: CapacityPool, owner: TaskOwner, skip_limit: float
+    ) -> None:
+        self.executor = executor
+        self.pool = pool
+        self.owner = owner
+        self.skip_limit = skip_limit
+        self._queue: OrderedDict[str, _Queued] = OrderedDict()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._publishing: dict[str, asyncio.Task[None]] = {}
+        self._admitting = True
+
+    # -- admission -------------------------------------------------------------------
+    def enqueue(self, execution: Execution) -> None:
+        """Queue an execution whose BidAccepted is committed; its pending reservation
+        becomes a queued one, which never fails (the bid already reserved it)."""
+        if execution.id in self._queue or execution.id in self._running:
+            return
+        self.pool.accept(execution.id)
+        self._queue[execution.id] = _Queued(execution, time.monotonic())
+        self._dequeue()
+
+    def stop_admission(self) -> None:
+        """Start nothing more (drain and shutdown): queued executions stay queued in the
+        store for the restart policy."""
+        self._admitting = False
+
+    def _dequeue(self) -> None:
+        if not self._admitting:
+            return
+        now = time.monotonic()
+        for execution_id, item in list(self._queue.items()):
+            if self.pool.can_start(execution_id):
+                del self._queue[execution_id]
+                self.pool.start(execution_id)
+                self._running[execution_id] = self.owner.spawn(
+                    self._run(item.execution), name=f"run {execution_id}"
+                )
+                continue
+            if item.first_skipped is None:
+                item.first_skipped = now
+            if now - item.first_skipped >= self.skip_limit:
+                break  # starving: nothing behind it may overtake it any more
+
+    async def _run(self, execution: Execution) -> None:
+        try:
+            await self.executor.run(execution)
+        finally:
+            self._running.pop(execution.id, None)
+            self.pool.release(execution.id)
+            self._dequeue()
+
+    def publish(self, execution: Execution) -> None:
+        """Publish in the background (no capacity, no queue, as in Bacalhau)."""
+        if execution.id in self._publishing:
+            return
+        task = self.owner.spawn(self._publish(execution), name=f"publish {execution.id}")
+        self._publishing[execution.id] = task
+
+    async def _publish(self, execution: Execution) -> None:
+        try:
+            await self.executor.publish(execution)
+        finally:
+            self._publishing.pop(execution.id, None)
+
+    # -- removal ---------------------------------------------------------------------
+    def cancel(self, execution_id: str) -> None:
+        """Stop whatever the buffer does for an execution whose state already moved to a
+        terminal one: dequeue it, or cancel its run or upload. Capacity of a running job
+        is released when its task has really finished."""
+        if self._queue.pop(execution_id, None) is not None:
+            self.pool.release(execution_id)
+            self._dequeue()
+            return
+        task = self._running.get(execution_id) or self._publishing.get(execution_id)
+        if task is not None:
+            task.cancel()
+            return
+        self.pool.release(execution_id)
+
+    # -- introspection -----------------------------------------------------------------
+    @property
+    def running_ids(self) -> list[str]:
+        return list(self._running)
+
+    @property
+    def queued_ids(self) -> list[str]:
+        return list(self._queue)
+
+    def is_running(self, execution_id: str) -> bool:
+        return execution_id in self._running
+
+    async def wait_running(self, timeout: float) -> list[str]:
+        """Wait up to ``timeout`` for the running jobs; return the IDs still running."""
+        tasks = set(self._running.values())
+        if tasks and timeout > 0:
+            await asyncio.wait(tasks, timeout=timeout)
+        return list(self._running)
+
+    async def stop_running(self, ids: list[str]) -> None:
+        """Cancel the given runs and wait until they have stopped."""
+        tasks = [self._running[i] for i in ids if i in self._running]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=30)

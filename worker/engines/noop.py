@@ -1,0 +1,38 @@
+"""The Noop engine: runs nothing, exit code 0 (Bacalhau ``executor/noop``).
+
+``handler`` is Bacalhau's ``JobHandler`` hook: tests and the devstack give it a coroutine
+that stands in for a job (to hold capacity for a while, or to fail).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from schemas.callbacks import Usage
+from worker import results
+from worker.protocols import RunOutcome
+from worker.store.types import Execution
+
+JobHandler = Callable[[Execution, Path], Awaitable[None]]
+
+
+class NoopEngine:
+    name = "Noop"
+
+    def __init__(self, *, handler: JobHandler | None = None) -> None:
+        self.handler = handler
+
+    def is_installed(self) -> bool:
+        return True
+
+    async def run(self, execution: Execution, results_dir: Path) -> RunOutcome:
+        started = time.monotonic()
+        if self.handler is not None:
+            await self.handler(execution, results_dir)
+        results.write_results(results_dir, stdout=b"", stderr=b"", exit_code=0)
+        return RunOutcome(
+            result=results.run_command_result(results_dir, 0),
+            usage=Usage(WallSeconds=time.monotonic() - started),
+        )

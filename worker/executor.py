@@ -1,0 +1,201 @@
+"""BaseExecutor: run → propose, and publish, with ONE failure funnel (Bacalhau
+``compute/executor.go``).
+
+Every move is a compare-and-set through the store with its Cause; a move that loses the
+race (the execution was cancelled meanwhile) is dropped silently, so after a
+CancelResult nothing more is sent. A non-zero exit code is a RunResult, not a failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from schemas.compute import ExecutionState as S
+from worker import durations, results
+from worker.callbacks import CallbackFactory
+from worker.errors import InvalidStateError, StoreError, WorkerError
+from worker.protocols import Engine, OutboxNotify, Publisher, RunOutcome, Verifier
+from worker.states import Cause, sources_of, transition
+from worker.store.types import Execution, ExecutionStore, UpdateRequest, UpdateResult
+
+log = logging.getLogger(__name__)
+
+
+class BaseExecutor:
+    """Runs and publishes executions; the buffer decides when."""
+
+    def __init__(
+        self,
+        *,
+        store: ExecutionStore,
+        callbacks: CallbackFactory,
+        engines: Mapping[str, Engine],
+        verifiers: Mapping[str, Verifier],
+        publishers: Mapping[str, Publisher],
+        results_root: Path,
+        default_timeout: float,
+        verification_ttl: float,
+        publish_attempts: int = 3,
+        publish_backoff: float = 0.5,
+        notify: OutboxNotify | None = None,
+        schedule: Callable[[str, datetime], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.callbacks = callbacks
+        self.engines = engines
+        self.verifiers = verifiers
+        self.publishers = publishers
+        self.results_root = results_root
+        self.default_timeout = default_timeout
+        self.verification_ttl = verification_ttl
+        self.publish_attempts = publish_attempts
+        self.publish_backoff = publish_backoff
+        self.notify = notify
+        self.schedule = schedule  # told the deadline of a waiting state this executor enters
+
+    def timeout_of(self, execution: Execution) -> float:
+        return execution.job.Spec.Timeout or self.default_timeout
+
+    async def move(
+        self,
+        execution: Execution,
+        cause: Cause,
+        *,
+        comment: str = "",
+        changes: dict[str, object] | None = None,
+    ) -> Execution | None:
+        """Apply the table's move for ``cause``; None when the execution is no longer in a
+        state it applies to (lost a race with a cancel or a timeout)."""
+        current = execution.state
+        move = transition(cause, current)
+        if move is None:
+            return None
+        request = UpdateRequest(
+            execution_id=execution.id,
+            cause=cause,
+            new_state=move.target,
+            expected_states=sources_of(cause),
+            comment=comment,
+            changes=dict(changes or {}),
+            callback=self.callbacks.for_kind(move.callback, err=comment, cause=cause.value),
+        )
+        try:
+            result = await self.store.update(request)
+        except InvalidStateError:
+            return None
+        self._announce(result)
+        return result.execution
+
+    def _announce(self, result: UpdateResult) -> None:
+        if result.outbox is not None and self.notify is not None:
+            self.notify(result.outbox)
+
+    async def fail(self, execution: Execution, cause: Cause, err: str) -> bool:
+        """The failure funnel: move to Failed with ``cause`` and a ComputeError, once.
+        False when the execution had already moved on (nothing is written then)."""
+        fresh = await self._reload(execution)
+        if fresh is None or transition(cause, fresh.state) is None:
+            return False
+        log.info("execution %s failed (%s): %s", execution.id, cause.value, err)
+        return await self.move(fresh, cause, comment=err) is not None
+
+    async def _reload(self, execution: Execution) -> Execution | None:
+        try:
+            return await self.store.get_execution(execution.id)
+        except StoreError:
+            return None
+
+    async def run(self, execution: Execution) -> None:
+        """BidAccepted → Running → WaitingVerification (RunResult), or Failed.
+
+        The timeout counts from entering Running and covers input preparation.
+        Cancellation (``CancelledError``) comes from a cancel or a shutdown; the state was
+        already moved by whoever cancelled, so nothing is written here.
+        """
+        running = await self.move(execution, Cause.RUN_STARTED)
+        if running is None:
+            return
+        timeout = self.timeout_of(running)
+        try:
+            async with asyncio.timeout(timeout):
+                outcome, proposal = await self._run_engine(running)
+        except TimeoutError:
+            await self.fail(
+                running, Cause.RUN_TIMEOUT, f"execution timed out after {durations.format(timeout)}"
+            )
+            return
+        except WorkerError as exc:
+            await self.fail(running, Cause.ENGINE_ERROR, exc.message)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.exception("engine failed for %s", running.id)
+            await self.fail(running, Cause.ENGINE_ERROR, f"{type(exc).__name__}: {exc}")
+            return
+        deadline = datetime.now(UTC) + timedelta(seconds=self.verification_ttl)
+        waiting = await self.move(
+            running,
+            Cause.RUN_COMPLETED,
+            changes={
+                "run_result": outcome.result,
+                "run_usage": outcome.usage,
+                "proposal": proposal,
+                "deadline": deadline,
+            },
+        )
+        if waiting is not None and self.schedule is not None:
+            self.schedule(waiting.id, deadline)
+
+    async def _run_engine(self, execution: Execution) -> tuple[RunOutcome, bytes]:
+        spec = execution.job.Spec
+        engine = self.engines.get(spec.Engine.value)
+        if engine is None:
+            raise WorkerError(f"failed to get executor {spec.Engine.value}: not installed")
+        verifier = self.verifiers.get(spec.verifier.value)
+        if verifier is None:
+            raise WorkerError(f"failed to get verifier {spec.verifier.value}: not installed")
+        folder = results.prepare(self.results_root, execution.id)
+        outcome = await engine.run(execution, folder)
+        try:
+            proposal = await verifier.proposal(execution, folder)
+        except WorkerError as exc:
+            raise WorkerError(f"failed to get proposal: {exc.message}") from exc
+        return outcome, proposal
+
+    async def publish(self, execution: Execution) -> None:
+        """ResultAccepted → Publishing → Completed (PublishResult), or Failed after retries.
+
+        Also used on restart for executions found in Publishing (publishers are idempotent).
+        """
+        if execution.state is S.RESULT_ACCEPTED:
+            moved = await self.move(execution, Cause.PUBLISH_STARTED)
+            if moved is None:
+                return
+            execution = moved
+        if execution.state is not S.PUBLISHING:
+            return
+        name = execution.job.Spec.publisher.value
+        publisher = self.publishers.get(name)
+        if publisher is None:
+            await self.fail(execution, Cause.PUBLISH_ERROR, f"failed to get publisher {name}")
+            return
+        folder = results.results_dir(self.results_root, execution.id)
+        error = ""
+        for attempt in range(1, self.publish_attempts + 1):
+            try:
+                spec = await publisher.publish(execution, folder)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = exc.message if isinstance(exc, WorkerError) else f"{exc}"
+                log.warning("publish of %s failed (attempt %d): %s", execution.id, attempt, error)
+                await asyncio.sleep(self.publish_backoff * attempt)
+                continue
+            await self.move(execution, Cause.PUBLISH_COMPLETED, changes={"publish_result": spec})
+            return
+        await self.fail(execution, Cause.PUBLISH_ERROR, f"failed to publish result: {error}")

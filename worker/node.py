@@ -1,0 +1,420 @@
+"""The composition root: builds and wires every part, owns the tasks, starts and drains.
+
+Start-up order (PROTOCOL.md §1, §5, §10): data-dir lock (exit 3) → node-ID check
+(exit 4) → broker (exit 6) → node ID in use (exit 5) → callback stream (exit 7) →
+restart policy → subscriptions → first NodeInfo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from nats import micro
+from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
+from nats.micro.service import Service
+from opentelemetry.sdk.trace import TracerProvider
+
+from worker import durations, results
+from worker.bidding.chain import Bidder
+from worker.bidding.probes import make_probes
+from worker.buffer import ExecutorBuffer
+from worker.callbacks import CallbackFactory
+from worker.capacity.host import probe_host
+from worker.capacity.limits import Limits, resolve_limits
+from worker.capacity.parse import parse_bytes, parse_cpu, parse_gpu
+from worker.capacity.pool import CapacityPool
+from worker.capacity.usage import ResourceUsage
+from worker.config import Config
+from worker.connection import connect
+from worker.datadir import DataDir
+from worker.endpoint import BaseEndpoint
+from worker.executor import BaseExecutor
+from worker.plugins import Plugins, build_plugins
+from worker.recovery import Recovery
+from worker.states import Cause
+from worker.store.sqlite import SqliteStore
+from worker.store.types import ExecutionStore
+from worker.streams import ensure_callback_stream
+from worker.tasks import TaskOwner
+from worker.telemetry import make_provider
+from worker.timers import Deadlines
+from worker.transport.callbacks import OutboxDispatcher
+from worker.transport.handler import RequestHandler
+from worker.transport.info import VERSION, NodeInfoService
+from worker.transport.logs import LogStreamer
+from worker.transport.subjects import Method, Subjects
+
+log = logging.getLogger(__name__)
+
+TOMBSTONE_KEEP = 7 * 24 * 3600.0
+RETENTION_SWEEP = 60.0
+OUTBOX_FLUSH_TIMEOUT = 10.0
+
+
+class StartupError(Exception):
+    """Start-up failed; ``code`` is the process exit code of PROTOCOL.md §10."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def _usage(cpu: str, memory: str, disk: str, gpu: str) -> ResourceUsage:
+    return ResourceUsage(
+        CPU=parse_cpu(cpu), Memory=parse_bytes(memory), Disk=parse_bytes(disk), GPU=parse_gpu(gpu)
+    )
+
+
+def resolve_config_limits(config: Config, data_dir: Path) -> tuple[Limits, list[str]]:
+    """The node's limits from its flags and the host (PROTOCOL.md §9)."""
+    c = config
+    return resolve_limits(
+        host=probe_host(data_dir),
+        total=_usage(
+            c.limit_total_cpu, c.limit_total_memory, c.limit_total_disk, c.limit_total_gpu
+        ),
+        job=_usage(c.limit_job_cpu, c.limit_job_memory, c.limit_job_disk, c.limit_job_gpu),
+        queue=_usage(
+            c.limit_queue_cpu, c.limit_queue_memory, c.limit_queue_disk, c.limit_queue_gpu
+        ),
+        default_job=_usage(c.default_job_cpu, c.default_job_memory, "", ""),
+        job_timeout_default=c.job_timeout_default,
+        job_timeout_min=c.job_timeout_min,
+        job_timeout_max=c.job_timeout_max,
+    )
+
+
+@dataclass(slots=True)
+class _Parts:
+    nc: Client
+    pool: CapacityPool
+    executor: BaseExecutor
+    buffer: ExecutorBuffer
+    endpoint: BaseEndpoint
+    dispatcher: OutboxDispatcher
+    handler: RequestHandler
+    info: NodeInfoService
+    deadlines: Deadlines
+    bidder: Bidder
+    logs: LogStreamer
+
+
+class Node:
+    """One compute node. ``start`` → (serve) → ``drain`` → ``close``."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        nats_url: str,
+        plugins: Plugins | None = None,
+        tracer_provider: TracerProvider | None = None,
+        store: ExecutionStore | None = None,
+        create_callback_stream: bool = False,
+        datadir: DataDir | None = None,
+    ) -> None:
+        self.config = config
+        self.nats_url = nats_url
+        self.datadir = datadir or DataDir(Path(config.data_dir))
+        self.instance_id = str(uuid.uuid4())
+        self.node_id = ""
+        self._plugins = plugins
+        self._provider = tracer_provider
+        self._own_provider = tracer_provider is None
+        self.store: ExecutionStore = store or SqliteStore(
+            self.datadir.db_path(), sync="full" if config.sync == "full" else "normal"
+        )
+        self._create_stream = create_callback_stream
+        self._owner = TaskOwner(name="node")
+        self._parts: _Parts | None = None
+        self.draining = False
+        self.limits: Limits | None = None
+        self._service: Service | None = None
+        self._own_lock = False
+
+    @property
+    def parts(self) -> _Parts:
+        if self._parts is None:
+            raise RuntimeError("node not started")
+        return self._parts
+
+    # -- start ---------------------------------------------------------------------------
+    async def start(self) -> None:
+        if not self.datadir.locked:
+            self.datadir.lock()  # DataDirLocked → exit 3
+            self._own_lock = True
+        await self.store.open()
+        try:
+            await self._start()
+        except BaseException:
+            await self._close_quietly()
+            raise
+
+    async def _start(self) -> None:
+        c = self.config
+        self.node_id = self.datadir.resolve_node_id(c.node_id or None, await self.store.count() > 0)
+        self.limits, warnings = resolve_config_limits(c, self.datadir.path)
+        for warning in warnings:
+            log.warning("%s", warning)
+        plugins = self._plugins or build_plugins(c)
+        if self._provider is None:
+            self._provider = make_provider(node_id=self.node_id, otlp_endpoint=c.otlp_endpoint)
+        tracer = self._provider.get_tracer("worker")
+        subjects = Subjects(prefix=c.subject_prefix, node_id=self.node_id)
+
+        async def on_reconnect() -> None:
+            if self._parts is not None:
+                await self._parts.dispatcher.resend_all()
+
+        nc = await connect(
+            c,
+            url=self.nats_url,
+            name=f"compute-node-{self.node_id}",
+            inbox_prefix=c.inbox_prefix or f"_INBOX_{self.node_id}",
+            on_reconnect=on_reconnect,
+        )
+        await self._check_id_free(nc, subjects)
+        if c.callbacks == "jetstream":
+            await ensure_callback_stream(nc, subjects, create=self._create_stream)
+        self._parts = self._wire(nc, subjects, plugins, tracer)
+        await Recovery(
+            store=self.store,
+            pool=self._parts.pool,
+            buffer=self._parts.buffer,
+            executor=self._parts.executor,
+            deadlines=self._parts.deadlines,
+        ).run()
+        await self._parts.dispatcher.start()
+        self._owner.spawn(self._parts.deadlines.run(), name="deadlines")
+        self._owner.spawn(self._retention(), name="retention")
+        await self._parts.handler.start()
+        self._service = await micro.add_service(
+            nc,
+            name="compute-node",
+            version=VERSION,
+            description="compute node of the job market",
+            metadata={
+                "node_id": self.node_id,
+                "instance_id": self.instance_id,
+                "subject_prefix": c.subject_prefix,
+            },
+        )
+        self._owner.spawn(self._parts.info.run(), name="nodeinfo")
+        await self._parts.info.publish()
+        log.info("node %s ready (instance %s)", self.node_id, self.instance_id)
+
+    async def _check_id_free(self, nc: Client, subjects: Subjects) -> None:
+        subject = subjects.request(self.node_id, self.node_id, Method.NODE_INFO)
+        try:
+            await nc.request(subject, b"", timeout=0.5)
+        except (NoRespondersError, NatsTimeout, TimeoutError):
+            return
+        raise StartupError(5, f"node ID {self.node_id} already in use")
+
+    def _wire(self, nc: Client, subjects: Subjects, plugins: Plugins, tracer: object) -> _Parts:
+        c = self.config
+        limits = self.limits
+        assert limits is not None
+        pool = CapacityPool(
+            total=limits.total,
+            queue=limits.queue,
+            max_pending_per_requester=c.max_pending_bids_per_requester,
+        )
+        dispatcher = OutboxDispatcher(
+            nc=nc,
+            store=self.store,
+            mode=c.callbacks,
+            max_attempts=c.outbox_max_attempts,
+            tracer=tracer,  # type: ignore[arg-type]
+        )
+        deadlines = Deadlines(fire=self._on_deadline)
+        factory = CallbackFactory(
+            node_id=self.node_id, subjects=subjects, verification_ttl=c.verification_ttl
+        )
+        executor = BaseExecutor(
+            store=self.store,
+            callbacks=factory,
+            engines=plugins.engines,
+            verifiers=plugins.verifiers,
+            publishers=plugins.publishers,
+            results_root=self.datadir.results_dir(),
+            default_timeout=limits.job_timeout_default,
+            verification_ttl=c.verification_ttl,
+            notify=dispatcher.notify,
+            schedule=deadlines.schedule,
+        )
+        buffer = ExecutorBuffer(
+            executor=executor, pool=pool, owner=self._owner, skip_limit=c.skip_starvation_limit
+        )
+        bidder = Bidder(
+            pool=pool,
+            limits=limits,
+            engines=list(plugins.engines),
+            verifiers=list(plugins.verifiers),
+            publishers=list(plugins.publishers),
+            storage_sources=list(plugins.storage_sources),
+            accept_networked=c.job_selection_accept_networked,
+            reject_stateless=c.job_selection_reject_stateless,
+            locality="local" if c.job_selection_data_locality == "local" else "anywhere",
+            timeout_bypass=c.timeout_bypass_client,
+            probes=make_probes(
+                exec_command=c.job_selection_probe_exec,
+                http_url=c.job_selection_probe_http,
+                timeout=c.probe_timeout,
+            ),
+            is_draining=lambda: self.draining,
+        )
+        endpoint = BaseEndpoint(
+            node_id=self.node_id,
+            store=self.store,
+            bidder=bidder,
+            pool=pool,
+            buffer=buffer,
+            callbacks=factory,
+            deadlines=deadlines,
+            notify=dispatcher.notify,
+            bid_ttl=c.bid_ttl,
+            queue_timeout=c.queue_timeout,
+        )
+        handler: RequestHandler
+        logs = LogStreamer(
+            nc=nc,
+            subjects=subjects,
+            endpoint=endpoint,
+            store=self.store,
+            results_root=self.datadir.results_dir(),
+        )
+        info = NodeInfoService(
+            nc=nc,
+            subjects=subjects,
+            instance_id=self.instance_id,
+            labels=dict(c.labels),
+            pool=pool,
+            store=self.store,
+            max_job=limits.job,
+            engines=list(plugins.engines),
+            verifiers=list(plugins.verifiers),
+            publishers=list(plugins.publishers),
+            storage_sources=list(plugins.storage_sources),
+            interval=c.nodeinfo_interval,
+            counters=lambda: (len(buffer.running_ids), len(buffer.queued_ids), handler.dropped),
+        )
+        pool.on_change = info.changed
+        handler = RequestHandler(
+            nc=nc,
+            subjects=subjects,
+            endpoint=endpoint,
+            instance_id=self.instance_id,
+            tracer=tracer,  # type: ignore[arg-type]
+            max_request_bytes=c.max_request_bytes,
+            fanout_silent_declines=c.fanout_silent_declines,
+            node_info=info.encoded,
+            logs=logs.serve,
+        )
+        return _Parts(
+            nc=nc,
+            pool=pool,
+            executor=executor,
+            buffer=buffer,
+            endpoint=endpoint,
+            dispatcher=dispatcher,
+            handler=handler,
+            info=info,
+            deadlines=deadlines,
+            bidder=bidder,
+            logs=logs,
+        )
+
+    # -- background work -----------------------------------------------------------------
+    async def _on_deadline(self, execution_id: str) -> None:
+        await Recovery.expire(
+            execution_id,
+            store=self.store,
+            executor=self.parts.executor,
+            buffer=self.parts.buffer,
+            deadlines=self.parts.deadlines,
+            queue_timeout=self.config.queue_timeout,
+        )
+
+    async def _retention(self) -> None:
+        while True:
+            await asyncio.sleep(RETENTION_SWEEP)
+            now = datetime.now(UTC)
+            try:
+                deleted = await self.store.purge(
+                    now - timedelta(seconds=self.config.retention),
+                    now - timedelta(seconds=TOMBSTONE_KEEP),
+                )
+            except Exception as exc:
+                log.warning("retention sweep failed: %r", exc)
+                continue
+            for execution_id in deleted:
+                results.remove(self.datadir.results_dir(), execution_id)
+
+    # -- drain and close -----------------------------------------------------------------
+    async def drain(self) -> None:
+        """PROTOCOL.md §10: announce, decline asks, let Running finish within the grace
+        period then fail it, flush the outbox, stop."""
+        parts = self.parts
+        self.draining = True
+        parts.buffer.stop_admission()
+        parts.info.draining = True
+        await parts.info.publish()
+        left = await parts.buffer.wait_running(self.config.shutdown_grace)
+        if left:
+            log.warning(
+                "%d executions still running after %s: failing them",
+                len(left),
+                durations.format(self.config.shutdown_grace),
+            )
+            for execution_id in left:
+                execution = await self.store.get_execution(execution_id)
+                await parts.executor.fail(execution, Cause.NODE_SHUTDOWN, "node shutdown")
+            await parts.buffer.stop_running(left)
+        if not await parts.dispatcher.flush(OUTBOX_FLUSH_TIMEOUT):
+            log.warning("outbox not flushed within %ss", OUTBOX_FLUSH_TIMEOUT)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop everything now (no grace); safe to call twice."""
+        if self._parts is not None:
+            parts, self._parts = self._parts, None
+            parts.buffer.stop_admission()
+            await parts.handler.stop()
+            await parts.logs.stop()
+            if self._service is not None:
+                await self._service.stop()
+                self._service = None
+            await self._owner.shutdown()
+            await parts.dispatcher.stop()
+            try:
+                await parts.nc.drain()
+            except Exception as exc:
+                log.debug("drain: %r", exc)
+                await parts.nc.close()
+        await self._close_quietly()
+
+    async def _close_quietly(self) -> None:
+        await self._owner.shutdown()
+        await self.store.close()
+        if self._provider is not None and self._own_provider:
+            self._provider.shutdown()
+            self._provider = None
+        if self._own_lock:
+            self.datadir.unlock()
+            self._own_lock = False
+
+
+async def serve(config: Config) -> int:
+    """The ``worker serve`` process (see :mod:`worker.serve`)."""
+    from worker.serve import serve as run
+
+    return await run(config)

@@ -1,0 +1,57 @@
+"""Registries of engines, verifiers, publishers and storage sources, keyed by wire enum.
+
+By default every one that can work on this host is on; ``--engines`` etc. narrow them.
+Only installed ones are listed in NodeInfo and bid on.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from schemas.job import Engine as EngineName
+from schemas.job import Publisher as PublisherName
+from schemas.job import Verifier as VerifierName
+from worker.config import Config
+from worker.engines.noop import NoopEngine
+from worker.protocols import Engine, Publisher, Verifier
+from worker.publishers.noop import NoopPublisher
+from worker.verifiers.noop import NoopVerifier
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T", Engine, Verifier, Publisher)
+
+
+@dataclass(slots=True)
+class Plugins:
+    engines: dict[str, Engine] = field(default_factory=dict)
+    verifiers: dict[str, Verifier] = field(default_factory=dict)
+    publishers: dict[str, Publisher] = field(default_factory=dict)
+    storage_sources: list[str] = field(default_factory=list)
+
+
+def _select(available: dict[str, T], wanted: list[str], what: str) -> dict[str, T]:
+    chosen: dict[str, T] = {}
+    for name, plugin in available.items():
+        if wanted and name.lower() not in {w.lower() for w in wanted}:
+            continue
+        if not plugin.is_installed():
+            log.info("%s %s is not usable on this host", what, name)
+            continue
+        chosen[name] = plugin
+    return chosen
+
+
+def build_plugins(config: Config) -> Plugins:
+    """Everything usable here, narrowed by the configuration."""
+    engines: dict[str, Engine] = {EngineName.NOOP.value: NoopEngine()}
+    verifiers: dict[str, Verifier] = {VerifierName.NOOP.value: NoopVerifier()}
+    publishers: dict[str, Publisher] = {PublisherName.NOOP.value: NoopPublisher()}
+    return Plugins(
+        engines=_select(engines, config.engines, "engine"),
+        verifiers=_select(verifiers, [], "verifier"),
+        publishers=_select(publishers, config.publishers, "publisher"),
+        storage_sources=[],
+    )

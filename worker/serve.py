@@ -1,0 +1,105 @@
+"""``worker serve``: the process around a Node — embedded broker, stdout lines, signals,
+exit codes (PROTOCOL.md §10)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from worker.config import Config
+from worker.connection import BrokerUnreachable
+from worker.datadir import DataDir, DataDirLocked, NodeIDMismatch
+from worker.embedded import BrokerError, EmbeddedBroker
+from worker.logconfig import setup_logging
+from worker.node import Node, StartupError
+from worker.streams import CallbackStreamMissing
+
+log = logging.getLogger("worker")
+
+EXIT_LOCKED, EXIT_ID_MISMATCH, EXIT_ID_IN_USE, EXIT_BROKER, EXIT_STREAM = 3, 4, 5, 6, 7
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+async def serve(config: Config) -> int:
+    """Run a node until SIGTERM/SIGINT drains it; return the exit code."""
+    setup_logging(config.log_format, config.log_level)
+    broker: EmbeddedBroker | None = None
+    url = config.nats_url
+    node: Node | None = None
+    datadir = DataDir(config.data_dir)
+    try:
+        datadir.lock()  # before the embedded broker, which lives in the data dir too
+    except DataDirLocked as exc:
+        log.error("%s", exc)
+        return EXIT_LOCKED
+    try:
+        if not url:
+            broker = EmbeddedBroker(data_dir=config.data_dir)
+            try:
+                url = await broker.start()
+            except BrokerError as exc:
+                log.error("%s", exc)
+                return EXIT_BROKER
+            _say(f"NATS_URL={url}")
+        create = config.create_callback_stream
+        if create is None:
+            create = broker is not None
+        node = Node(config=config, nats_url=url, create_callback_stream=create, datadir=datadir)
+        code = await _start(node)
+        if code:
+            return code
+        _say(f"NODE_ID={node.node_id}")
+        await _wait_for_signal()
+        log.info("draining")
+        await node.drain()
+        return 0
+    finally:
+        if node is not None:
+            await node.close()
+        if broker is not None:
+            await broker.stop()
+        datadir.unlock()
+
+
+async def _start(node: Node) -> int:
+    try:
+        await node.start()
+    except DataDirLocked as exc:
+        log.error("%s", exc)
+        return EXIT_LOCKED
+    except NodeIDMismatch as exc:
+        log.error("%s", exc)
+        return EXIT_ID_MISMATCH
+    except BrokerUnreachable as exc:
+        log.error("%s", exc)
+        return EXIT_BROKER
+    except CallbackStreamMissing as exc:
+        log.error("%s", exc)
+        return EXIT_STREAM
+    except StartupError as exc:
+        log.error("%s", exc.message)
+        return exc.code
+    return 0
+
+
+async def _wait_for_signal() -> None:
+    """Return on the first SIGTERM/SIGINT; a second one exits at once."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+
+    def on_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("second signal: exiting now")
+            os._exit(128 + signum)
+        stop.set()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, on_signal, signum)
+    await stop.wait()

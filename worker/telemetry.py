@@ -1,0 +1,137 @@
+"""Tracing set-up and the NATS header carrier (PROTOCOL.md §8).
+
+One CONSUMER span per request named ``<subject template> process``, a child of the
+incoming W3C context; callbacks are PRODUCER spans continuing the trace of the
+execution's BidAccepted request, linked to the ask's context when it differs.
+Setup lives only here; everything else takes a ``Tracer``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from typing import IO, Any
+
+from opentelemetry import context as otel_context
+from opentelemetry import propagate, trace
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
+from opentelemetry.sdk.trace.export import (
+    BatchSpanProcessor,
+    SimpleSpanProcessor,
+    SpanExporter,
+    SpanExportResult,
+)
+from opentelemetry.trace import Link, SpanKind, Tracer
+
+TRACE_KEYS = ("traceparent", "tracestate")
+
+
+class FileSpanExporter(SpanExporter):
+    """Writes one JSON object per finished span to a file (for cross-process tests)."""
+
+    def __init__(self, path: str) -> None:
+        self._file: IO[str] = open(path, "a", encoding="utf-8")  # noqa: SIM115 - closed in shutdown
+        self._lock = threading.Lock()
+
+    def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+        with self._lock:
+            for span in spans:
+                ctx = span.get_span_context()
+                parent = span.parent
+                record = {
+                    "name": span.name,
+                    "traceId": format(ctx.trace_id, "032x") if ctx else "",
+                    "spanId": format(ctx.span_id, "016x") if ctx else "",
+                    "parentSpanId": format(parent.span_id, "016x") if parent else "",
+                    "kind": span.kind.name,
+                    "attributes": dict(span.attributes or {}),
+                    "links": [format(link.context.trace_id, "032x") for link in span.links],
+                }
+                self._file.write(json.dumps(record, default=str) + "\n")
+            self._file.flush()
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+def make_provider(*, node_id: str, otlp_endpoint: str = "") -> TracerProvider:
+    """A TracerProvider for the node: OTLP/HTTP when an endpoint is configured, a JSON-lines
+    file when ``WORKER_TRACE_FILE`` is set, otherwise spans are recorded but not exported
+    (context still propagates)."""
+    provider = TracerProvider(
+        resource=Resource.create({"service.name": "worker", "service.instance.id": node_id})
+    )
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        endpoint = otlp_endpoint.rstrip("/")
+        if not endpoint.endswith("/v1/traces"):
+            endpoint += "/v1/traces"
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
+    trace_file = os.environ.get("WORKER_TRACE_FILE", "")
+    if trace_file:
+        provider.add_span_processor(SimpleSpanProcessor(FileSpanExporter(trace_file)))
+    return provider
+
+
+def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
+    """The W3C context carried by NATS headers."""
+    return propagate.extract(dict(headers or {}))
+
+
+def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """Only the trace-context headers of a message (what an execution stores)."""
+    if not headers:
+        return {}
+    return {k: v for k, v in headers.items() if k in TRACE_KEYS}
+
+
+def inject(headers: dict[str, str]) -> dict[str, str]:
+    """Add the current context to ``headers`` (a fresh dict per message)."""
+    propagate.inject(headers)
+    return headers
+
+
+def consumer_span(
+    tracer: Tracer, template: str, headers: Mapping[str, str] | None, attributes: dict[str, Any]
+) -> Any:
+    """The CONSUMER span of a request, child of the incoming context."""
+    return tracer.start_as_current_span(
+        f"{template} process",
+        context=extract(headers),
+        kind=SpanKind.CONSUMER,
+        attributes={
+            "messaging.system": "nats",
+            "messaging.operation.type": "process",
+            **attributes,
+        },
+    )
+
+
+def producer_span(
+    tracer: Tracer,
+    template: str,
+    parent: Mapping[str, str],
+    link: Mapping[str, str] | None,
+    attributes: dict[str, Any],
+) -> Any:
+    """A PRODUCER span for a callback, continuing ``parent``'s trace, linked to ``link``."""
+    parent_ctx = extract(parent)
+    links = []
+    if link:
+        link_span = trace.get_current_span(extract(link)).get_span_context()
+        parent_span = trace.get_current_span(parent_ctx).get_span_context()
+        if link_span.is_valid and link_span.trace_id != parent_span.trace_id:
+            links.append(Link(link_span))
+    return tracer.start_as_current_span(
+        f"{template} send",
+        context=parent_ctx,
+        kind=SpanKind.PRODUCER,
+        links=links,
+        attributes={"messaging.system": "nats", "messaging.operation.type": "send", **attributes},
+    )
