@@ -10,16 +10,29 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from schemas.compute import ExecutionState as S
+from schemas.job import StorageSpec
 from worker import durations, results
 from worker.callbacks import CallbackFactory
-from worker.errors import InvalidStateError, StoreError, WorkerError
-from worker.protocols import Engine, OutboxNotify, Publisher, RunOutcome, Verifier
+from worker.errors import EngineError, InvalidStateError, StoreError, WorkerError
+from worker.protocols import (
+    Engine,
+    OutboxNotify,
+    PreparedInput,
+    PreparedOutput,
+    Publisher,
+    RunOutcome,
+    RunRequest,
+    StorageProvider,
+    Verifier,
+)
 from worker.states import Cause, sources_of, transition
+from worker.storage import paths
 from worker.store.types import Execution, ExecutionStore, UpdateRequest, UpdateResult
 
 log = logging.getLogger(__name__)
@@ -34,6 +47,9 @@ class BaseExecutor:
         store: ExecutionStore,
         callbacks: CallbackFactory,
         engines: Mapping[str, Engine],
+        storage: Mapping[str, StorageProvider] | None = None,
+        work_root: Path | None = None,
+        max_output_bytes: int = 1 << 30,
         verifiers: Mapping[str, Verifier],
         publishers: Mapping[str, Publisher],
         results_root: Path,
@@ -47,6 +63,9 @@ class BaseExecutor:
         self.store = store
         self.callbacks = callbacks
         self.engines = engines
+        self.storage = storage or {}
+        self.work_root = work_root or results_root.parent / "work"
+        self.max_output_bytes = max_output_bytes
         self.verifiers = verifiers
         self.publishers = publishers
         self.results_root = results_root
@@ -160,12 +179,58 @@ class BaseExecutor:
         if verifier is None:
             raise WorkerError(f"failed to get verifier {spec.verifier.value}: not installed")
         folder = results.prepare(self.results_root, execution.id)
-        outcome = await engine.run(execution, folder)
+        work = results.prepare(self.work_root, execution.id)
+        try:
+            request = await self._request(execution, folder, work)
+            outcome = await engine.run(request)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
         try:
             proposal = await verifier.proposal(execution, folder)
         except WorkerError as exc:
             raise WorkerError(f"failed to get proposal: {exc.message}") from exc
         return outcome, proposal
+
+    async def _request(self, execution: Execution, folder: Path, work: Path) -> RunRequest:
+        """Fetch the inputs (this counts against the run timeout) and make the outputs."""
+        spec = execution.job.Spec
+        counter = 0
+
+        async def fetch(storage_spec: StorageSpec) -> Path:
+            nonlocal counter
+            source = storage_spec.StorageSource
+            provider = self.storage.get(source.value) if source is not None else None
+            if provider is None:
+                name = source.value if source is not None else "(none)"
+                raise EngineError(f"storage source {name} installed: false")
+            counter += 1
+            dest = work / "inputs" / str(counter)
+            dest.mkdir(parents=True, mode=0o700)
+            return await provider.prepare(storage_spec, dest, requester=execution.requester)
+
+        inputs = [
+            PreparedInput(
+                spec=i, source=await fetch(i), target=paths.mount_target(i.path, "input path")
+            )
+            for i in spec.inputs
+        ]
+        outputs = []
+        for o in spec.outputs:
+            name = paths.check_name(o.Name)
+            target = paths.mount_target(o.path or f"/{name}", "output path")
+            source = folder / name
+            source.mkdir(mode=0o700)
+            outputs.append(PreparedOutput(spec=o, source=source, target=target))
+        return RunRequest(
+            execution=execution,
+            results_dir=folder,
+            work_dir=work,
+            inputs=inputs,
+            outputs=outputs,
+            timeout=self.timeout_of(execution),
+            max_output_bytes=self.max_output_bytes,
+            fetch=fetch,
+        )
 
     async def publish(self, execution: Execution) -> None:
         """ResultAccepted → Publishing → Completed (PublishResult), or Failed after retries.

@@ -243,6 +243,7 @@ class Node:
             store=self.store,
             callbacks=factory,
             engines=plugins.engines,
+            storage=plugins.storage,
             verifiers=plugins.verifiers,
             publishers=plugins.publishers,
             results_root=self.datadir.results_dir(),
@@ -265,6 +266,8 @@ class Node:
             reject_stateless=c.job_selection_reject_stateless,
             locality="local" if c.job_selection_data_locality == "local" else "anywhere",
             timeout_bypass=c.timeout_bypass_client,
+            is_local=plugins.is_local,
+            input_size=plugins.known_size,
             probes=make_probes(
                 exec_command=c.job_selection_probe_exec,
                 http_url=c.job_selection_probe_http,

@@ -12,10 +12,11 @@ from typing import TypeVar
 
 from schemas.job import Engine as EngineName
 from schemas.job import Publisher as PublisherName
+from schemas.job import StorageSpec
 from schemas.job import Verifier as VerifierName
 from worker.config import Config
 from worker.engines.noop import NoopEngine
-from worker.protocols import Engine, Publisher, Verifier
+from worker.protocols import Engine, Publisher, StorageProvider, Verifier
 from worker.publishers.noop import NoopPublisher
 from worker.verifiers.noop import NoopVerifier
 
@@ -29,7 +30,25 @@ class Plugins:
     engines: dict[str, Engine] = field(default_factory=dict)
     verifiers: dict[str, Verifier] = field(default_factory=dict)
     publishers: dict[str, Publisher] = field(default_factory=dict)
-    storage_sources: list[str] = field(default_factory=list)
+    storage: dict[str, StorageProvider] = field(default_factory=dict)
+
+    @property
+    def storage_sources(self) -> list[str]:
+        return list(self.storage)
+
+    def _provider(self, spec: StorageSpec) -> StorageProvider | None:
+        source = spec.StorageSource
+        return self.storage.get(source.value) if source is not None else None
+
+    def is_local(self, spec: StorageSpec) -> bool:
+        """Whether an input is on this node already (for locality ``local``)."""
+        provider = self._provider(spec)
+        return provider is not None and provider.is_local(spec)
+
+    def known_size(self, spec: StorageSpec) -> int:
+        """An input's size as known at bid time (0 when unknown)."""
+        provider = self._provider(spec)
+        return provider.known_size(spec) if provider is not None else 0
 
 
 def _select(available: dict[str, T], wanted: list[str], what: str) -> dict[str, T]:
@@ -53,5 +72,5 @@ def build_plugins(config: Config) -> Plugins:
         engines=_select(engines, config.engines, "engine"),
         verifiers=_select(verifiers, [], "verifier"),
         publishers=_select(publishers, config.publishers, "publisher"),
-        storage_sources=[],
+        storage={},
     )

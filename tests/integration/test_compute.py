@@ -28,7 +28,7 @@ from schemas.callbacks import (
     RunResult,
 )
 from schemas.compute import ExecutionState as S
-from schemas.job import Job
+from schemas.job import Job, StorageSpec
 from schemas.node import NodeInfo
 from tests.helpers import assert_eventually
 from tests.integration.conftest import NodeFactory
@@ -56,6 +56,26 @@ def make_job(
     body = {"Engine": "Noop", "Verifier": "Noop", "Publisher": "Noop", **spec}
     meta = {"ID": job_id or f"job-{uuid.uuid4().hex[:12]}", **(metadata or {})}
     return msgspec.convert({"Metadata": meta, "Spec": body}, Job)
+
+
+class LocalStorage:
+    """Bacalhau's noop storage provider: every input is local, empty and of size 0
+    (IPFS cannot run here; this stands in for it at the seam, as in Bacalhau's tests)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def is_installed(self) -> bool:
+        return True
+
+    def is_local(self, spec: StorageSpec) -> bool:
+        return True
+
+    def known_size(self, spec: StorageSpec) -> int:
+        return 0
+
+    async def prepare(self, spec: StorageSpec, dest: Path, *, requester: str) -> Path:
+        return dest
 
 
 class Gate:
@@ -109,7 +129,7 @@ def noop_plugins(gate: Gate | None = None, *, storage_sources: list[str] | None 
         engines={"Noop": NoopEngine(handler=gate.handler if gate else None)},
         verifiers={"Noop": NoopVerifier()},
         publishers={"Noop": NoopPublisher()},
-        storage_sources=list(storage_sources or []),
+        storage={name: LocalStorage(name) for name in storage_sources or []},
     )
 
 

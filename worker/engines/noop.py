@@ -12,7 +12,7 @@ from pathlib import Path
 
 from schemas.callbacks import Usage
 from worker import results
-from worker.protocols import RunOutcome
+from worker.protocols import RunOutcome, RunRequest
 from worker.store.types import Execution
 
 JobHandler = Callable[[Execution, Path], Awaitable[None]]
@@ -27,10 +27,11 @@ class NoopEngine:
     def is_installed(self) -> bool:
         return True
 
-    async def run(self, execution: Execution, results_dir: Path) -> RunOutcome:
+    async def run(self, request: RunRequest) -> RunOutcome:
         started = time.monotonic()
+        results_dir = request.results_dir
         if self.handler is not None:
-            await self.handler(execution, results_dir)
+            await self.handler(request.execution, results_dir)
         results.write_results(results_dir, stdout=b"", stderr=b"", exit_code=0)
         return RunOutcome(
             result=results.run_command_result(results_dir, 0),
