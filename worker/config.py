@@ -131,6 +131,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     publisher_local_listen: str = "127.0.0.1:0"
     publisher_local_base_url: str = ""  # "" = the address the Local publisher listens on
     url_input_allow_cidr: list[str] = msgspec.field(default_factory=list)
+    url_input_max_bytes: int = 1 << 30
+    local_input_roots: list[str] = msgspec.field(default_factory=list)  # LocalDirectory roots
+    max_output_bytes: int = 1 << 30  # cap of each of stdout and stderr
+    http_allowlist_proxy: str = ""  # Network.Type HTTP is declined unless this is set
+    docker_host: str = ""  # "" = DOCKER_HOST or unix:///var/run/docker.sock
+    language_uid_range: str = "200000-265535"  # one uid per Language execution
+    s3_endpoint: str = ""  # default endpoint of S3 inputs/publishers ("" = AWS)
 
     # Pricing, observability, durability.
     price_list: str = ""
@@ -435,6 +442,10 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "publisher_local_listen": _parse_listen,
     "metrics_listen": _parse_listen,
     "url_input_allow_cidr": _parse_cidrs,
+    "url_input_max_bytes": _parse_size,
+    "max_output_bytes": _parse_size,
+    "http_allowlist_proxy": _parse_url,
+    "s3_endpoint": _parse_url,
     "max_request_bytes": _parse_size,
     "callbacks": _enum("jetstream", "core"),
     "create_callback_stream": _parse_optional_bool,
@@ -466,6 +477,8 @@ _MIN: dict[str, float] = {
     "max_pending_bids_per_requester": 1,
     "outbox_max_attempts": 1,
     "max_request_bytes": 1,
+    "url_input_max_bytes": 1,
+    "max_output_bytes": 1,
 }
 _POSITIVE_DURATIONS = frozenset(
     {
