@@ -348,8 +348,10 @@ class Node:
         )
 
     async def _retention(self) -> None:
+        # Terminal executions go within a minute after --retention has passed.
+        interval = min(RETENTION_SWEEP, max(0.05, self.config.retention / 2))
         while True:
-            await asyncio.sleep(RETENTION_SWEEP)
+            await asyncio.sleep(interval)
             now = datetime.now(UTC)
             try:
                 deleted = await self.store.purge(

@@ -14,7 +14,7 @@ from tests.integration.conftest import NodeFactory
 from worker.engines.noop import NoopEngine
 from worker.plugins import Plugins
 from worker.publishers.noop import NoopPublisher
-from worker.requester import Requester
+from worker.requester import Requester, RequestFailed
 from worker.store.types import Execution
 from worker.verifiers.noop import NoopVerifier
 
@@ -94,4 +94,40 @@ async def test_restart_fails_running_and_requeues_accepted(
         assert view.Execution.State.value == "WaitingVerification"
     finally:
         gate.set()
+        await requester.close()
+
+
+async def test_retention_deletes_terminal_executions_and_keeps_tombstones(
+    make_node: NodeFactory, nc: Client, prefix: str
+) -> None:
+    node = await make_node("n1", retention=0.2)
+    requester = Requester(nc=nc, requester_id="r1", prefix=prefix)
+    await requester.start()
+    try:
+        bid = await requester.ask("n1", job("j1"))
+        await requester.accept("n1", bid.ExecutionID)
+        callbacks = await requester.run_to_completion("n1", bid.ExecutionID, timeout=10)
+        assert type(callbacks[-1]).__name__ == "PublishResult"
+        folder = node.datadir.results_dir(bid.ExecutionID)
+        assert folder.is_dir()
+
+        async def gone() -> bool:
+            try:
+                await requester.get_execution("n1", bid.ExecutionID)
+            except RequestFailed as exc:
+                assert exc.code == 409, exc
+                assert exc.state == "Completed" and exc.cause == "PublishCompleted"
+                return True
+            return False
+
+        await assert_eventually(gone, timeout=10)
+        assert not folder.exists()
+        other = Requester(nc=nc, requester_id="r2", prefix=prefix)
+        try:
+            await other.get_execution("n1", bid.ExecutionID)
+        except RequestFailed as exc:
+            assert exc.code == 404  # another requester's tombstone stays invisible
+        else:
+            raise AssertionError("another requester saw the tombstone")
+    finally:
         await requester.close()
