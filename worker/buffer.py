@@ -19,12 +19,14 @@ Fixed:
 from __future__ import annotations
 
 import asyncio
+import heapq
 import logging
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 from worker.capacity.pool import CapacityPool
+from worker.capacity.usage import ZERO, ResourceUsage
 from worker.executor import BaseExecutor
 from worker.store.types import Execution
 from worker.tasks import TaskOwner
@@ -53,6 +55,8 @@ class ExecutorBuffer:
         self._running: dict[str, asyncio.Task[None]] = {}
         self._publishing: dict[str, asyncio.Task[None]] = {}
         self._admitting = True
+        # Running executions: (monotonic time their timeout ends, usage), for estimates.
+        self._ends: dict[str, tuple[float, ResourceUsage]] = {}
 
     # -- admission -------------------------------------------------------------------
     def enqueue(self, execution: Execution) -> None:
@@ -77,6 +81,8 @@ class ExecutorBuffer:
             if self.pool.can_start(execution_id):
                 del self._queue[execution_id]
                 self.pool.start(execution_id)
+                ends = now + self.executor.timeout_of(item.execution)
+                self._ends[execution_id] = (ends, item.execution.usage)
                 self._running[execution_id] = self.owner.spawn(
                     self._run(item.execution), name=f"run {execution_id}"
                 )
@@ -91,6 +97,7 @@ class ExecutorBuffer:
             await self.executor.run(execution)
         finally:
             self._running.pop(execution.id, None)
+            self._ends.pop(execution.id, None)
             self.pool.release(execution.id)
             self._dequeue()
 
@@ -106,6 +113,30 @@ class ExecutorBuffer:
             await self.executor.publish(execution)
         finally:
             self._publishing.pop(execution.id, None)
+
+    def estimate_start(self, usage: ResourceUsage) -> float:
+        """Seconds until a new job of ``usage`` would start: 0 when it fits now; else
+        running jobs are taken to end at their timeouts and queued ones to start in FIFO
+        order as capacity frees (a pessimistic bound: jobs usually end sooner)."""
+        now = time.monotonic()
+        total = self.pool.total
+        ending = [(max(now, end), i, u) for i, (end, u) in enumerate(self._ends.values())]
+        heapq.heapify(ending)
+        used = ZERO
+        for _, _, u in ending:
+            used = used.add(u)
+        t, counter = now, len(ending)
+        queue = [
+            (q.execution.usage, self.executor.timeout_of(q.execution)) for q in self._queue.values()
+        ]
+        for job_usage, duration in [*queue, (usage, 0.0)]:
+            while not used.add(job_usage).le(total) and ending:
+                end, _, freed = heapq.heappop(ending)
+                t, used = max(t, end), used.sub(freed)
+            counter += 1
+            heapq.heappush(ending, (t + duration, counter, job_usage))
+            used = used.add(job_usage)
+        return round(t - now, 3)
 
     # -- removal ---------------------------------------------------------------------
     def cancel(self, execution_id: str) -> None:

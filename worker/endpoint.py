@@ -46,6 +46,7 @@ from worker.errors import (
     StoreUnavailableError,
     VersionMismatchError,
 )
+from worker.pricing import PriceList
 from worker.protocols import OutboxNotify
 from worker.states import Cause, transition
 from worker.store.types import Execution, ExecutionStore, ListQuery, UpdateRequest
@@ -78,6 +79,7 @@ class BaseEndpoint:
         notify: OutboxNotify,
         bid_ttl: float,
         queue_timeout: float,
+        prices: PriceList | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -89,6 +91,7 @@ class BaseEndpoint:
         self.notify = notify
         self.bid_ttl = bid_ttl
         self.queue_timeout = queue_timeout
+        self.prices = prices
         self._asking: dict[tuple[str, str], asyncio.Event] = {}
 
     # -- validation ---------------------------------------------------------------------
@@ -163,7 +166,11 @@ class BaseEndpoint:
             Accepted=True,
             NodeID=self.node_id,
             BidTTLSeconds=self.bid_ttl,
+            EstimatedStartSeconds=self.buffer.estimate_start(usage),
         )
+        if self.prices is not None:
+            timeout = job.Spec.Timeout or self.buffer.executor.default_timeout
+            reply.Price = self.prices.price(usage, timeout)
         now = datetime.now(UTC)
         deadline = now + timedelta(seconds=self.bid_ttl + BID_EXPIRY_GRACE)
         execution = Execution(

@@ -37,6 +37,7 @@ from worker.datadir import DataDir
 from worker.endpoint import BaseEndpoint
 from worker.executor import BaseExecutor
 from worker.plugins import Plugins, build_plugins
+from worker.pricing import load_price_list
 from worker.recovery import Recovery
 from worker.states import Cause
 from worker.store.sqlite import SqliteStore
@@ -286,6 +287,7 @@ class Node:
             notify=dispatcher.notify,
             bid_ttl=c.bid_ttl,
             queue_timeout=c.queue_timeout,
+            prices=load_price_list(c.price_list) if c.price_list else None,
         )
         handler: RequestHandler
         logs = LogStreamer(

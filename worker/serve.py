@@ -15,10 +15,12 @@ from worker.datadir import DataDir, DataDirLocked, NodeIDMismatch
 from worker.embedded import BrokerError, EmbeddedBroker
 from worker.logconfig import setup_logging
 from worker.node import Node, StartupError
+from worker.pricing import PriceListError
 from worker.streams import CallbackStreamMissing
 
 log = logging.getLogger("worker")
 
+EXIT_USAGE = 2
 EXIT_LOCKED, EXIT_ID_MISMATCH, EXIT_ID_IN_USE, EXIT_BROKER, EXIT_STREAM = 3, 4, 5, 6, 7
 
 
@@ -86,6 +88,9 @@ async def _start(node: Node) -> int:
     except StartupError as exc:
         log.error("%s", exc.message)
         return exc.code
+    except PriceListError as exc:
+        log.error("%s", exc)
+        return EXIT_USAGE
     return 0
 
 
