@@ -81,6 +81,7 @@ class ExecutorBuffer:
             if self.pool.can_start(execution_id):
                 del self._queue[execution_id]
                 self.pool.start(execution_id)
+                self.executor.metrics.queue_wait.record(now - item.enqueued_at)
                 ends = now + self.executor.timeout_of(item.execution)
                 self._ends[execution_id] = (ends, item.execution.usage)
                 self._running[execution_id] = self.owner.spawn(

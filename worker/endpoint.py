@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
@@ -46,6 +47,7 @@ from worker.errors import (
     StoreUnavailableError,
     VersionMismatchError,
 )
+from worker.metrics import NodeMetrics
 from worker.pricing import PriceList
 from worker.protocols import OutboxNotify
 from worker.states import Cause, transition
@@ -80,6 +82,7 @@ class BaseEndpoint:
         bid_ttl: float,
         queue_timeout: float,
         prices: PriceList | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -92,6 +95,7 @@ class BaseEndpoint:
         self.bid_ttl = bid_ttl
         self.queue_timeout = queue_timeout
         self.prices = prices
+        self.metrics = metrics or NodeMetrics()
         self._asking: dict[tuple[str, str], asyncio.Event] = {}
 
     # -- validation ---------------------------------------------------------------------
@@ -108,6 +112,19 @@ class BaseEndpoint:
     async def ask_for_bid(
         self, request: AskForBidRequest, trace: dict[str, str]
     ) -> AskForBidResponse:
+        started = time.monotonic()
+        try:
+            reply = await self._ask(request, trace)
+        finally:
+            self.metrics.bid_duration.record(time.monotonic() - started)
+        self.metrics.asks.add(1)
+        if reply.Accepted:
+            self.metrics.bids.add(1)
+        else:
+            self.metrics.decline(reply.Reason)
+        return reply
+
+    async def _ask(self, request: AskForBidRequest, trace: dict[str, str]) -> AskForBidResponse:
         requester, job_id = request.SourcePeerID, request.Job.Metadata.ID
         digest = spec_hash(request)
         key = (requester, job_id)
@@ -214,6 +231,7 @@ class BaseEndpoint:
             changes={"deadline": deadline, "trace": trace},
         )
         if moved:
+            self.metrics.accepted.add(1)
             self.deadlines.schedule(execution.id, deadline)
             self.buffer.enqueue(execution)
         return _response(execution)
@@ -249,6 +267,7 @@ class BaseEndpoint:
             comment=f"result rejected due to: {request.Justification}",
         )
         if moved:
+            self.metrics.failed.add(1, {"cause": Cause.RESULT_REJECTED.value})
             self.deadlines.cancel(execution.id)
         return _response(execution)
 
@@ -260,6 +279,7 @@ class BaseEndpoint:
             comment=f"execution canceled due to: {request.Justification}",
         )
         if moved:
+            self.metrics.cancelled.add(1)
             self._forget(execution.id)
         return _response(execution)
 

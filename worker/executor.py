@@ -20,6 +20,7 @@ from schemas.job import StorageSpec
 from worker import durations, results
 from worker.callbacks import CallbackFactory
 from worker.errors import EngineError, InvalidStateError, StoreError, WorkerError
+from worker.metrics import NodeMetrics
 from worker.protocols import (
     Engine,
     OutboxNotify,
@@ -59,6 +60,7 @@ class BaseExecutor:
         publish_backoff: float = 0.5,
         notify: OutboxNotify | None = None,
         schedule: Callable[[str, datetime], None] | None = None,
+        metrics: NodeMetrics | None = None,
     ) -> None:
         self.store = store
         self.callbacks = callbacks
@@ -74,6 +76,7 @@ class BaseExecutor:
         self.publish_attempts = publish_attempts
         self.publish_backoff = publish_backoff
         self.notify = notify
+        self.metrics = metrics or NodeMetrics()
         self.schedule = schedule  # told the deadline of a waiting state this executor enters
 
     def timeout_of(self, execution: Execution) -> float:
@@ -120,7 +123,10 @@ class BaseExecutor:
         if fresh is None or transition(cause, fresh.state) is None:
             return False
         log.info("execution %s failed (%s): %s", execution.id, cause.value, err)
-        return await self.move(fresh, cause, comment=err) is not None
+        if await self.move(fresh, cause, comment=err) is None:
+            return False
+        self.metrics.failed.add(1, {"cause": cause.value})
+        return True
 
     async def _reload(self, execution: Execution) -> Execution | None:
         try:
@@ -261,6 +267,10 @@ class BaseExecutor:
                 log.warning("publish of %s failed (attempt %d): %s", execution.id, attempt, error)
                 await asyncio.sleep(self.publish_backoff * attempt)
                 continue
-            await self.move(execution, Cause.PUBLISH_COMPLETED, changes={"publish_result": spec})
+            done = await self.move(
+                execution, Cause.PUBLISH_COMPLETED, changes={"publish_result": spec}
+            )
+            if done is not None:
+                self.metrics.completed.add(1)
             return
         await self.fail(execution, Cause.PUBLISH_ERROR, f"failed to publish result: {error}")

@@ -36,6 +36,7 @@ from worker.connection import connect
 from worker.datadir import DataDir
 from worker.endpoint import BaseEndpoint
 from worker.executor import BaseExecutor
+from worker.metrics import MetricsSetup, NodeMetrics, make_metrics
 from worker.plugins import Plugins, build_plugins
 from worker.pricing import load_price_list
 from worker.recovery import Recovery
@@ -140,6 +141,8 @@ class Node:
         self.limits: Limits | None = None
         self._service: Service | None = None
         self._own_lock = False
+        self._metrics_setup: MetricsSetup | None = None
+        self.metrics = NodeMetrics()
 
     @property
     def parts(self) -> _Parts:
@@ -169,6 +172,11 @@ class Node:
         if self._provider is None:
             self._provider = make_provider(node_id=self.node_id, otlp_endpoint=c.otlp_endpoint)
         tracer = self._provider.get_tracer("worker")
+        self._metrics_setup = make_metrics(
+            node_id=self.node_id, otlp_endpoint=c.otlp_endpoint, metrics_listen=c.metrics_listen
+        )
+        provider = self._metrics_setup.provider
+        self.metrics = NodeMetrics(provider.get_meter("worker") if provider else None)
         subjects = Subjects(prefix=c.subject_prefix, node_id=self.node_id)
 
         async def on_reconnect() -> None:
@@ -252,6 +260,7 @@ class Node:
             verification_ttl=c.verification_ttl,
             notify=dispatcher.notify,
             schedule=deadlines.schedule,
+            metrics=self.metrics,
         )
         buffer = ExecutorBuffer(
             executor=executor, pool=pool, owner=self._owner, skip_limit=c.skip_starvation_limit
@@ -288,6 +297,7 @@ class Node:
             bid_ttl=c.bid_ttl,
             queue_timeout=c.queue_timeout,
             prices=load_price_list(c.price_list) if c.price_list else None,
+            metrics=self.metrics,
         )
         handler: RequestHandler
         logs = LogStreamer(
@@ -313,6 +323,10 @@ class Node:
             counters=lambda: (len(buffer.running_ids), len(buffer.queued_ids), handler.dropped),
         )
         pool.on_change = info.changed
+        info.gauges = self.metrics.gauges
+        self.metrics.gauges.queue_depth = lambda: len(buffer.queued_ids)
+        self.metrics.gauges.running = lambda: len(buffer.running_ids)
+        self.metrics.gauges.used = lambda: _used(pool)
         handler = RequestHandler(
             nc=nc,
             subjects=subjects,
@@ -411,6 +425,9 @@ class Node:
 
     async def _close_quietly(self) -> None:
         await self._owner.shutdown()
+        if self._metrics_setup is not None:
+            self._metrics_setup.shutdown()
+            self._metrics_setup = None
         await self.store.close()
         if self._provider is not None and self._own_provider:
             self._provider.shutdown()
@@ -418,6 +435,12 @@ class Node:
         if self._own_lock:
             self.datadir.unlock()
             self._own_lock = False
+
+
+def _used(pool: CapacityPool) -> dict[str, float]:
+    snap = pool.snapshot()
+    used = snap.running.add(snap.queued).add(snap.pending)
+    return {"cpu": used.CPU, "memory": used.Memory, "disk": used.Disk, "gpu": used.GPU}
 
 
 async def serve(config: Config) -> int:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,30 @@ def test_price_list_errors(tmp_path: Path) -> None:
     bad.write_text("cpu_second = -1\n")
     with pytest.raises(PriceListError, match="must not be negative"):
         load_price_list(bad)
+
+
+async def test_prometheus_metrics(make_node: NodeFactory, nc: Client, prefix: str) -> None:
+    node = await make_node("n1", metrics_listen="127.0.0.1:0")
+    assert node._metrics_setup is not None and node._metrics_setup.port > 0
+    requester = Requester(nc=nc, requester_id="r1", prefix=prefix)
+    await requester.start()
+    try:
+        bid = await requester.ask("n1", cpu_job("a", "1", 10))
+        await requester.accept("n1", bid.ExecutionID)
+        await requester.run_to_completion("n1", bid.ExecutionID, timeout=10)
+        await requester.ask("n1", cpu_job("b", "1000", 10))  # declined: over the job limit
+    finally:
+        await requester.close()
+    url = f"http://127.0.0.1:{node._metrics_setup.port}/metrics"
+
+    def scrape() -> str:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.read().decode()
+
+    text = await asyncio.to_thread(scrape)
+    assert re.search(r"^worker_asks_total\S* 2\.0$", text, re.M), text
+    assert re.search(r"^worker_bids_total\S* 1\.0$", text, re.M), text
+    assert re.search(r'^worker_declines_total\{.*reason="job requirements exceed', text, re.M)
+    assert re.search(r"^worker_executions_completed_total\S* 1\.0$", text, re.M), text
+    assert "worker_bid_duration_seconds_bucket" in text or "worker_bid_duration_bucket" in text
+    assert re.search(r'^worker_capacity_used\{.*dimension="cpu"', text, re.M), text

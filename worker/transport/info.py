@@ -17,6 +17,7 @@ from schemas.codec import encode
 from schemas.node import Capacity, ComputeNodeInfo, NodeInfo
 from worker.capacity.pool import CapacityPool
 from worker.capacity.usage import ResourceUsage
+from worker.metrics import Gauges
 from worker.store.types import ExecutionStore
 from worker.transport.subjects import Subjects
 
@@ -64,6 +65,7 @@ class NodeInfoService:
         self.interval = interval
         self.counters = counters  # (running, enqueued, dropped requests)
         self.draining = False
+        self.gauges: Gauges | None = None  # metrics gauges kept up to date from NodeInfo
         self._dirty = asyncio.Event()
         self._last = 0.0
 
@@ -71,6 +73,8 @@ class NodeInfoService:
         snap = self.pool.snapshot()
         stats = await self.store.outbox_stats()
         running, enqueued, dropped = self.counters()
+        if self.gauges is not None:
+            self.gauges.outbox = {"pending": stats.pending, "parked": stats.parked}
         oldest = 0.0
         if stats.oldest is not None:
             oldest = max(0.0, (datetime.now(UTC) - stats.oldest).total_seconds())
