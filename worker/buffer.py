@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
+from worker import telemetry
 from worker.capacity.pool import CapacityPool
 from worker.capacity.usage import ZERO, ResourceUsage
 from worker.executor import BaseExecutor
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 class _Queued:
     execution: Execution
     enqueued_at: float
+    enqueued_ns: int
     first_skipped: float | None = None
 
 
@@ -65,7 +67,7 @@ class ExecutorBuffer:
         if execution.id in self._queue or execution.id in self._running:
             return
         self.pool.accept(execution.id)
-        self._queue[execution.id] = _Queued(execution, time.monotonic())
+        self._queue[execution.id] = _Queued(execution, time.monotonic(), time.time_ns())
         self._dequeue()
 
     def stop_admission(self) -> None:
@@ -82,6 +84,7 @@ class ExecutorBuffer:
                 del self._queue[execution_id]
                 self.pool.start(execution_id)
                 self.executor.metrics.queue_wait.record(now - item.enqueued_at)
+                self._queue_span(item)
                 ends = now + self.executor.timeout_of(item.execution)
                 self._ends[execution_id] = (ends, item.execution.usage)
                 self._running[execution_id] = self.owner.spawn(
@@ -92,6 +95,17 @@ class ExecutorBuffer:
                 item.first_skipped = now
             if now - item.first_skipped >= self.skip_limit:
                 break  # starving: nothing behind it may overtake it any more
+
+    def _queue_span(self, item: _Queued) -> None:
+        """A span covering the time the execution waited in the queue."""
+        execution = item.execution
+        span = self.executor.tracer.start_span(
+            "queue wait",
+            context=telemetry.extract(execution.trace),
+            start_time=item.enqueued_ns,
+            attributes={"execution.id": execution.id, "job.id": execution.job_id},
+        )
+        span.end()
 
     async def _run(self, execution: Execution) -> None:
         try:

@@ -16,6 +16,9 @@ import time
 import uuid
 from datetime import UTC, datetime, timedelta
 
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
+
 from schemas.codec import DecodeError, decode, encode, format_time, parse_time
 from schemas.compute import (
     AskForBidRequest,
@@ -83,6 +86,7 @@ class BaseEndpoint:
         queue_timeout: float,
         prices: PriceList | None = None,
         metrics: NodeMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.node_id = node_id
         self.store = store
@@ -96,6 +100,7 @@ class BaseEndpoint:
         self.queue_timeout = queue_timeout
         self.prices = prices
         self.metrics = metrics or NodeMetrics()
+        self.tracer = tracer or trace.get_tracer("worker")
         self._asking: dict[tuple[str, str], asyncio.Event] = {}
 
     # -- validation ---------------------------------------------------------------------
@@ -167,14 +172,15 @@ class BaseEndpoint:
     ) -> AskForBidResponse:
         job = request.Job
         execution_id = f"e-{uuid.uuid4()}"
-        decision, usage = await self.bidder.decide(
-            BidRequest(
-                node_id=self.node_id,
-                execution_id=execution_id,
-                requester=request.SourcePeerID,
-                job=job,
+        with self.tracer.start_as_current_span("bid strategies"):
+            decision, usage = await self.bidder.decide(
+                BidRequest(
+                    node_id=self.node_id,
+                    execution_id=execution_id,
+                    requester=request.SourcePeerID,
+                    job=job,
+                )
             )
-        )
         if not decision.bid or usage is None:
             return self._decline(job.Metadata.ID, decision.reason, decision.retryable)
         reply = AskForBidResponse(

@@ -14,10 +14,14 @@ import shutil
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
+
+from opentelemetry import trace
+from opentelemetry.trace import Tracer
 
 from schemas.compute import ExecutionState as S
 from schemas.job import StorageSpec
-from worker import durations, results
+from worker import durations, results, telemetry
 from worker.callbacks import CallbackFactory
 from worker.errors import EngineError, InvalidStateError, StoreError, WorkerError
 from worker.metrics import NodeMetrics
@@ -61,6 +65,7 @@ class BaseExecutor:
         notify: OutboxNotify | None = None,
         schedule: Callable[[str, datetime], None] | None = None,
         metrics: NodeMetrics | None = None,
+        tracer: Tracer | None = None,
     ) -> None:
         self.store = store
         self.callbacks = callbacks
@@ -77,6 +82,7 @@ class BaseExecutor:
         self.publish_backoff = publish_backoff
         self.notify = notify
         self.metrics = metrics or NodeMetrics()
+        self.tracer = tracer or trace.get_tracer("worker")
         self.schedule = schedule  # told the deadline of a waiting state this executor enters
 
     def timeout_of(self, execution: Execution) -> float:
@@ -134,7 +140,20 @@ class BaseExecutor:
         except StoreError:
             return None
 
+    def span(self, name: str, execution: Execution) -> Any:
+        """A span of this execution's trace (the BidAccepted request's context)."""
+        return self.tracer.start_as_current_span(
+            name,
+            context=telemetry.extract(execution.trace or execution.ask_trace),
+            attributes={"execution.id": execution.id, "job.id": execution.job_id},
+        )
+
     async def run(self, execution: Execution) -> None:
+        """See :meth:`_run`; one span of the execution's trace around it."""
+        with self.span("execution run", execution):
+            await self._run(execution)
+
+    async def _run(self, execution: Execution) -> None:
         """BidAccepted → Running → WaitingVerification (RunResult), or Failed.
 
         The timeout counts from entering Running and covers input preparation.
@@ -187,12 +206,15 @@ class BaseExecutor:
         folder = results.prepare(self.results_root, execution.id)
         work = results.prepare(self.work_root, execution.id)
         try:
-            request = await self._request(execution, folder, work)
-            outcome = await engine.run(request)
+            with self.tracer.start_as_current_span("inputs fetch"):
+                request = await self._request(execution, folder, work)
+            with self.tracer.start_as_current_span(f"engine run {engine.name}"):
+                outcome = await engine.run(request)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         try:
-            proposal = await verifier.proposal(execution, folder)
+            with self.tracer.start_as_current_span(f"verify {verifier.name}"):
+                proposal = await verifier.proposal(execution, folder)
         except WorkerError as exc:
             raise WorkerError(f"failed to get proposal: {exc.message}") from exc
         return outcome, proposal
@@ -239,6 +261,11 @@ class BaseExecutor:
         )
 
     async def publish(self, execution: Execution) -> None:
+        """See :meth:`_publish`; one span of the execution's trace around it."""
+        with self.span("execution publish", execution):
+            await self._publish(execution)
+
+    async def _publish(self, execution: Execution) -> None:
         """ResultAccepted → Publishing → Completed (PublishResult), or Failed after retries.
 
         Also used on restart for executions found in Publishing (publishers are idempotent).

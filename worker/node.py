@@ -20,6 +20,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.service import Service
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import Tracer
 
 from worker import durations, results
 from worker.bidding.chain import Bidder
@@ -228,7 +229,7 @@ class Node:
             return
         raise StartupError(5, f"node ID {self.node_id} already in use")
 
-    def _wire(self, nc: Client, subjects: Subjects, plugins: Plugins, tracer: object) -> _Parts:
+    def _wire(self, nc: Client, subjects: Subjects, plugins: Plugins, tracer: Tracer) -> _Parts:
         c = self.config
         limits = self.limits
         assert limits is not None
@@ -242,7 +243,7 @@ class Node:
             store=self.store,
             mode=c.callbacks,
             max_attempts=c.outbox_max_attempts,
-            tracer=tracer,  # type: ignore[arg-type]
+            tracer=tracer,
         )
         deadlines = Deadlines(fire=self._on_deadline)
         factory = CallbackFactory(
@@ -261,6 +262,7 @@ class Node:
             notify=dispatcher.notify,
             schedule=deadlines.schedule,
             metrics=self.metrics,
+            tracer=tracer,
         )
         buffer = ExecutorBuffer(
             executor=executor, pool=pool, owner=self._owner, skip_limit=c.skip_starvation_limit
@@ -298,6 +300,7 @@ class Node:
             queue_timeout=c.queue_timeout,
             prices=load_price_list(c.price_list) if c.price_list else None,
             metrics=self.metrics,
+            tracer=tracer,
         )
         handler: RequestHandler
         logs = LogStreamer(
@@ -332,7 +335,7 @@ class Node:
             subjects=subjects,
             endpoint=endpoint,
             instance_id=self.instance_id,
-            tracer=tracer,  # type: ignore[arg-type]
+            tracer=tracer,
             max_request_bytes=c.max_request_bytes,
             fanout_silent_declines=c.fanout_silent_declines,
             node_info=info.encoded,

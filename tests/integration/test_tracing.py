@@ -101,6 +101,21 @@ async def test_one_trace_from_ask_to_publish(
         (s.name, hexid(s.context.trace_id)) for s in node_spans if s.context.trace_id != trace_id
     ]
     assert wrong == [], f"node spans outside the job's trace {hexid(trace_id)}: {wrong}"
+    # Every stage of the job has its span in that trace.
+    names = {s.name for s in node_spans}
+    stages = {
+        "bid strategies",
+        "queue wait",
+        "execution run",
+        "inputs fetch",
+        "engine run Noop",
+        "verify Noop",
+        "execution publish",
+    }
+    assert stages <= names, stages - names
+    by_id = {s.context.span_id: s for s in node_spans}
+    engine = next(s for s in node_spans if s.name == "engine run Noop")
+    assert engine.parent is not None and by_id[engine.parent.span_id].name == "execution run"
 
 
 async def test_request_spans_are_consumer_children_of_the_requester(
