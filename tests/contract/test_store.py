@@ -1095,3 +1095,28 @@ async def test_sqlite_group_commit_disk_full(
     await db.execute("PRAGMA max_page_count = 1073741823")
     await sqlite_store.create_execution(failed[0])  # space again: writes go through
     assert await sqlite_store.count() == len(ok) + 1
+
+
+async def test_find_active_sees_executions_after_reopen(tmp_path: Path) -> None:
+    """The SQLite store answers find_active from an in-memory index of live keys: it
+    must be rebuilt on open, and follow creates and terminal moves."""
+    path = tmp_path / "idx.db"
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        ex = new_execution()
+        await store.create_execution(ex)
+        assert (await store.find_active(ex.requester, ex.job_id)) is not None
+    finally:
+        await store.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        found = await store.find_active(ex.requester, ex.job_id)
+        assert found is not None and found.id == ex.id
+        await store.update(
+            UpdateRequest(execution_id=ex.id, cause=Cause.CANCEL, new_state=S.CANCELLED)
+        )
+        assert await store.find_active(ex.requester, ex.job_id) is None
+    finally:
+        await store.close()

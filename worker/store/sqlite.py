@@ -25,7 +25,7 @@ import asyncio
 import contextlib
 import re
 import sqlite3
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import cache
@@ -38,6 +38,7 @@ import msgspec
 
 from schemas.compute import ExecutionState
 from worker.errors import AlreadyExistsError, ExecutionNotFound, StoreError, StoreUnavailableError
+from worker.states import TERMINAL
 from worker.store.memory import (
     Clock,
     apply_update,
@@ -517,6 +518,10 @@ class SqliteStore:
         self._clock = clock
         self._db: aiosqlite.Connection | None = None
         self._queue: deque[_Write] = deque()  # appended here, taken in the connection thread
+        # Live executions per (requester, job): a new job's ask (the common case) learns
+        # that it has none without a thread hop. It may over-count for a moment (then the
+        # query answers), never under-count: +1 before a create, -1 once a move is terminal.
+        self._live: Counter[tuple[str, str]] = Counter()
 
     @property
     def path(self) -> Path:
@@ -543,6 +548,12 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
         self._db = db
+        rows = await self._run(
+            lambda c: c.execute(
+                f"SELECT requester, job_id FROM executions WHERE {_LIVE}"
+            ).fetchall()
+        )
+        self._live = Counter((r, j) for r, j in rows)
 
     async def close(self) -> None:
         db, self._db = self._db, None
@@ -605,7 +616,18 @@ class SqliteStore:
         return result
 
     async def create_execution(self, execution: Execution, *, comment: str = "") -> Execution:
-        return await self._write(_create, execution, comment)
+        key = (execution.requester, execution.job_id)
+        self._live[key] += 1
+        try:
+            return await self._write(_create, execution, comment)
+        except BaseException:
+            self._forget(key)
+            raise
+
+    def _forget(self, key: tuple[str, str]) -> None:
+        self._live[key] -= 1
+        if self._live[key] <= 0:
+            del self._live[key]
 
     async def get_execution(self, execution_id: str) -> Execution:
         return await self._run(_get, execution_id)
@@ -616,6 +638,8 @@ class SqliteStore:
         )
 
     async def find_active(self, requester: str, job_id: str) -> Execution | None:
+        if (requester, job_id) not in self._live:
+            return None
         return await self._run(_find_active, requester, job_id)
 
     async def get_history(self, execution_id: str) -> list[HistoryEntry]:
@@ -624,6 +648,8 @@ class SqliteStore:
     async def update(self, request: UpdateRequest) -> UpdateResult:
         changes = validate_changes(request.changes)
         after, row = await self._write(_update, request, changes, utc(self._clock()))
+        if after.state in TERMINAL:
+            self._forget((after.requester, after.job_id))
         return UpdateResult(after, row)
 
     async def live_executions(self) -> list[Execution]:
