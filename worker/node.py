@@ -169,7 +169,9 @@ class Node:
         self.limits, warnings = resolve_config_limits(c, self.datadir.path)
         for warning in warnings:
             log.warning("%s", warning)
-        plugins = self._plugins or build_plugins(c)
+        plugins = self._plugins or build_plugins(
+            c, connection=lambda: self._parts.nc if self._parts is not None else None
+        )
         if self._provider is None:
             self._provider = make_provider(node_id=self.node_id, otlp_endpoint=c.otlp_endpoint)
         tracer = self._provider.get_tracer("worker")

@@ -7,8 +7,11 @@ Only installed ones are listed in NodeInfo and bid on.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
+
+from nats.aio.client import Client
 
 from schemas.job import Engine as EngineName
 from schemas.job import Publisher as PublisherName
@@ -18,11 +21,12 @@ from worker.config import Config
 from worker.engines.noop import NoopEngine
 from worker.protocols import Engine, Publisher, StorageProvider, Verifier
 from worker.publishers.noop import NoopPublisher
+from worker.storage import build_storage
 from worker.verifiers.noop import NoopVerifier
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T", Engine, Verifier, Publisher)
+T = TypeVar("T", Engine, Verifier, Publisher, StorageProvider)
 
 
 @dataclass(slots=True)
@@ -63,7 +67,9 @@ def _select(available: dict[str, T], wanted: list[str], what: str) -> dict[str, 
     return chosen
 
 
-def build_plugins(config: Config) -> Plugins:
+def build_plugins(
+    config: Config, connection: Callable[[], Client | None] = lambda: None
+) -> Plugins:
     """Everything usable here, narrowed by the configuration."""
     engines: dict[str, Engine] = {EngineName.NOOP.value: NoopEngine()}
     verifiers: dict[str, Verifier] = {VerifierName.NOOP.value: NoopVerifier()}
@@ -72,5 +78,7 @@ def build_plugins(config: Config) -> Plugins:
         engines=_select(engines, config.engines, "engine"),
         verifiers=_select(verifiers, [], "verifier"),
         publishers=_select(publishers, config.publishers, "publisher"),
-        storage={},
+        storage=_select(
+            build_storage(config, connection), config.storage_sources, "storage source"
+        ),
     )
