@@ -19,6 +19,7 @@ from schemas.job import StorageSpec
 from schemas.job import Verifier as VerifierName
 from worker.config import Config
 from worker.engines.noop import NoopEngine
+from worker.engines.wasm import WasmEngine
 from worker.protocols import Engine, Publisher, StorageProvider, Verifier
 from worker.publishers.noop import NoopPublisher
 from worker.storage import build_storage
@@ -71,7 +72,10 @@ def build_plugins(
     config: Config, connection: Callable[[], Client | None] = lambda: None
 ) -> Plugins:
     """Everything usable here, narrowed by the configuration."""
-    engines: dict[str, Engine] = {EngineName.NOOP.value: NoopEngine()}
+    engines: dict[str, Engine] = {
+        EngineName.NOOP.value: NoopEngine(),
+        EngineName.WASM.value: WasmEngine(),
+    }
     verifiers: dict[str, Verifier] = {VerifierName.NOOP.value: NoopVerifier()}
     publishers: dict[str, Publisher] = {PublisherName.NOOP.value: NoopPublisher()}
     return Plugins(
