@@ -19,7 +19,7 @@ from datetime import UTC, datetime, timedelta
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from schemas.codec import DecodeError, decode, encode, format_time, parse_time
+from schemas.codec import decode, encode
 from schemas.compute import (
     AskForBidRequest,
     AskForBidResponse,
@@ -27,7 +27,6 @@ from schemas.compute import (
     BidRejectedRequest,
     CancelExecutionRequest,
     ExecutionResponse,
-    ExecutionSummary,
     GetExecutionRequest,
     ListExecutionsRequest,
     ListExecutionsResponse,
@@ -35,7 +34,8 @@ from schemas.compute import (
     ResultRejectedRequest,
 )
 from schemas.compute import ExecutionState as S
-from schemas.node import CallbackView, Capacity, ExecutionDetail, ExecutionView, HistoryEntry
+from schemas.node import ExecutionView
+from worker import views
 from worker.bidding.chain import Bidder
 from worker.bidding.types import BidRequest
 from worker.buffer import ExecutorBuffer
@@ -54,7 +54,7 @@ from worker.metrics import NodeMetrics
 from worker.pricing import PriceList
 from worker.protocols import OutboxNotify
 from worker.states import Cause, transition
-from worker.store.types import Execution, ExecutionStore, ListQuery, UpdateRequest
+from worker.store.types import Execution, ExecutionStore, UpdateRequest
 from worker.timers import Deadlines
 
 log = logging.getLogger(__name__)
@@ -363,78 +363,13 @@ class BaseEndpoint:
     # -- queries ------------------------------------------------------------------------
     async def get_execution(self, request: GetExecutionRequest) -> ExecutionView:
         execution = await self.lookup(request.SourcePeerID, request.ExecutionID)
-        history = await self.store.get_history(execution.id)
-        callbacks = await self.store.get_callbacks(execution.id)
-        return ExecutionView(
-            Execution=ExecutionDetail(
-                ExecutionID=execution.id,
-                JobID=execution.job_id,
-                State=execution.state,
-                ResourceUsage=_capacity(execution),
-                Version=execution.version,
-                CreateTime=format_time(execution.create_time),
-                UpdateTime=format_time(execution.update_time),
-                LatestComment=execution.latest_comment,
-                RunCommandResult=execution.run_result,
-                ResultProposal=execution.proposal,
-                PublishResult=execution.publish_result,
-            ),
-            History=[
-                HistoryEntry(
-                    PreviousState=h.previous_state,
-                    NewState=h.new_state,
-                    NewVersion=h.new_version,
-                    Cause=h.cause,
-                    Comment=h.comment,
-                    Time=format_time(h.time),
-                )
-                for h in history
-            ],
-            Callbacks=[
-                CallbackView(
-                    Seq=row.seq,
-                    Kind=row.kind,
-                    Body=decode(row.body, dict),
-                    CreatedAt=format_time(row.created_at),
-                    Delivered=row.delivered,
-                )
-                for row in callbacks
-            ],
-        )
+        return await views.execution_view(self.store, execution)
 
     async def list_executions(self, request: ListExecutionsRequest) -> ListExecutionsResponse:
-        since = None
-        if request.UpdatedSince:
-            try:
-                since = parse_time(request.UpdatedSince)
-            except DecodeError as exc:
-                raise RequestError(f"UpdatedSince: {exc.message}") from exc
-        query = ListQuery(
-            requester=request.SourcePeerID,
-            updated_since=since,
-            states=tuple(request.States),
-            limit=request.Limit or DEFAULT_PAGE,
-            cursor=request.Cursor,
-        )
-        try:
-            executions, cursor = await self.store.list_executions(query)
-        except ValueError as exc:
-            raise RequestError(f"bad Cursor: {exc}") from exc
-        return ListExecutionsResponse(
-            Executions=[
-                ExecutionSummary(ExecutionID=e.id, JobID=e.job_id, State=e.state)
-                for e in executions
-            ],
-            Next=cursor,
-        )
+        return await views.list_executions(self.store, request, DEFAULT_PAGE)
 
 
 def _response(execution: Execution) -> ExecutionResponse:
     return ExecutionResponse(
         ExecutionID=execution.id, JobID=execution.job_id, State=execution.state
     )
-
-
-def _capacity(execution: Execution) -> Capacity:
-    u = execution.usage
-    return Capacity(CPU=u.CPU, Memory=u.Memory, Disk=u.Disk, GPU=u.GPU)
