@@ -10,8 +10,10 @@ from typing import TYPE_CHECKING
 from nats.aio.client import Client
 from opentelemetry.trace import Tracer
 
+from schemas.job import Engine as EngineName
 from worker.bidding.chain import Bidder
 from worker.bidding.probes import make_probes
+from worker.bidding.types import SemanticStrategy
 from worker.buffer import ExecutorBuffer
 from worker.callbacks import CallbackFactory
 from worker.capacity.host import probe_host
@@ -21,6 +23,8 @@ from worker.capacity.pool import CapacityPool
 from worker.capacity.usage import ResourceUsage
 from worker.config import Config
 from worker.endpoint import BaseEndpoint
+from worker.engines.docker import DockerEngine
+from worker.engines.docker_bid import DockerBidStrategy
 from worker.executor import BaseExecutor
 from worker.plugins import Plugins
 from worker.pricing import load_price_list
@@ -124,6 +128,7 @@ def assemble(self: Node, nc: Client, subjects: Subjects, plugins: Plugins, trace
         reject_stateless=c.job_selection_reject_stateless,
         locality="local" if c.job_selection_data_locality == "local" else "anywhere",
         timeout_bypass=c.timeout_bypass_client,
+        executor_strategies=_executor_strategies(plugins),
         is_local=plugins.is_local,
         input_size=plugins.known_size,
         probes=make_probes(
@@ -200,6 +205,15 @@ def assemble(self: Node, nc: Client, subjects: Subjects, plugins: Plugins, trace
         bidder=bidder,
         logs=logs,
     )
+
+
+def _executor_strategies(plugins: Plugins) -> dict[str, SemanticStrategy]:
+    """Engine-specific bid checks (Bacalhau's ``executor.GetBidStrategy``)."""
+    strategies: dict[str, SemanticStrategy] = {}
+    docker = plugins.engines.get(EngineName.DOCKER.value)
+    if isinstance(docker, DockerEngine):
+        strategies[EngineName.DOCKER.value] = DockerBidStrategy(docker)
+    return strategies
 
 
 def _used(pool: CapacityPool) -> dict[str, float]:

@@ -20,12 +20,14 @@ from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.service import Service
 from opentelemetry.sdk.trace import TracerProvider
 
+from schemas.job import Engine as EngineName
 from worker import durations, results
 from worker.assembly import Parts, assemble, resolve_config_limits
 from worker.capacity.limits import Limits
 from worker.config import Config
 from worker.connection import connect
 from worker.datadir import DataDir
+from worker.engines.docker import DockerEngine
 from worker.metrics import MetricsSetup, NodeMetrics, make_metrics
 from worker.plugins import Plugins, build_plugins
 from worker.recovery import Recovery
@@ -86,6 +88,7 @@ class Node:
         self.limits: Limits | None = None
         self._service: Service | None = None
         self._own_lock = False
+        self._active_plugins: Plugins | None = None
         self._metrics_setup: MetricsSetup | None = None
         self.metrics = NodeMetrics()
 
@@ -113,9 +116,12 @@ class Node:
         self.limits, warnings = resolve_config_limits(c, self.datadir.path)
         for warning in warnings:
             log.warning("%s", warning)
-        plugins = self._plugins or build_plugins(
-            c, connection=lambda: self._parts.nc if self._parts is not None else None
+        plugins = self._plugins or await build_plugins(
+            c,
+            connection=lambda: self._parts.nc if self._parts is not None else None,
+            node_id=self.node_id,
         )
+        self._active_plugins = plugins
         if self._provider is None:
             self._provider = make_provider(node_id=self.node_id, otlp_endpoint=c.otlp_endpoint)
         tracer = self._provider.get_tracer("worker")
@@ -141,6 +147,9 @@ class Node:
         if c.callbacks == "jetstream":
             await ensure_callback_stream(nc, subjects, create=self._create_stream)
         self._parts = assemble(self, nc, subjects, plugins, tracer)
+        docker = plugins.engines.get(EngineName.DOCKER.value)
+        if isinstance(docker, DockerEngine):
+            await docker.cleanup_leftovers()  # restart policy: containers of a dead run
         await Recovery(
             store=self.store,
             pool=self._parts.pool,
@@ -248,6 +257,10 @@ class Node:
 
     async def _close_quietly(self) -> None:
         await self._owner.shutdown()
+        plugins, self._active_plugins = self._active_plugins, None
+        for engine in plugins.engines.values() if plugins else ():
+            if isinstance(engine, DockerEngine):
+                await engine.close()
         if self._metrics_setup is not None:
             self._metrics_setup.shutdown()
             self._metrics_setup = None

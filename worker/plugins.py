@@ -18,6 +18,7 @@ from schemas.job import Publisher as PublisherName
 from schemas.job import StorageSpec
 from schemas.job import Verifier as VerifierName
 from worker.config import Config
+from worker.engines.docker import DockerEngine
 from worker.engines.noop import NoopEngine
 from worker.engines.wasm import WasmEngine
 from worker.protocols import Engine, Publisher, StorageProvider, Verifier
@@ -68,14 +69,27 @@ def _select(available: dict[str, T], wanted: list[str], what: str) -> dict[str, 
     return chosen
 
 
-def build_plugins(
-    config: Config, connection: Callable[[], Client | None] = lambda: None
+def _wanted(wanted: list[str], name: str) -> bool:
+    return not wanted or name.lower() in {w.lower() for w in wanted}
+
+
+async def build_plugins(
+    config: Config,
+    connection: Callable[[], Client | None] = lambda: None,
+    *,
+    node_id: str,
 ) -> Plugins:
     """Everything usable here, narrowed by the configuration."""
     engines: dict[str, Engine] = {
         EngineName.NOOP.value: NoopEngine(),
         EngineName.WASM.value: WasmEngine(),
     }
+    if _wanted(config.engines, EngineName.DOCKER.value):  # probe the daemon only if wanted
+        engines[EngineName.DOCKER.value] = await DockerEngine.create(
+            docker_host=config.docker_host,
+            node_id=node_id,
+            accept_networked=config.job_selection_accept_networked,
+        )
     verifiers: dict[str, Verifier] = {VerifierName.NOOP.value: NoopVerifier()}
     publishers: dict[str, Publisher] = {PublisherName.NOOP.value: NoopPublisher()}
     return Plugins(
