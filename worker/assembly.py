@@ -25,6 +25,7 @@ from worker.config import Config
 from worker.endpoint import BaseEndpoint
 from worker.engines.docker import DockerEngine
 from worker.engines.docker_bid import DockerBidStrategy
+from worker.engines.language import LanguageEngine
 from worker.executor import BaseExecutor
 from worker.plugins import Plugins
 from worker.pricing import load_price_list
@@ -213,6 +214,9 @@ def _executor_strategies(plugins: Plugins) -> dict[str, SemanticStrategy]:
     docker = plugins.engines.get(EngineName.DOCKER.value)
     if isinstance(docker, DockerEngine):
         strategies[EngineName.DOCKER.value] = DockerBidStrategy(docker)
+    language = plugins.engines.get(EngineName.LANGUAGE.value)
+    if isinstance(language, LanguageEngine):
+        strategies[EngineName.LANGUAGE.value] = language.bid_strategy
     return strategies
 
 

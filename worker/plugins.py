@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TypeVar
 
 from nats.aio.client import Client
@@ -19,6 +20,7 @@ from schemas.job import StorageSpec
 from schemas.job import Verifier as VerifierName
 from worker.config import Config
 from worker.engines.docker import DockerEngine
+from worker.engines.language import LanguageEngine
 from worker.engines.noop import NoopEngine
 from worker.engines.wasm import WasmEngine
 from worker.protocols import Engine, Publisher, StorageProvider, Verifier
@@ -83,6 +85,11 @@ async def build_plugins(
     engines: dict[str, Engine] = {
         EngineName.NOOP.value: NoopEngine(),
         EngineName.WASM.value: WasmEngine(),
+        EngineName.LANGUAGE.value: LanguageEngine(
+            uid_range=config.language_uid_range,
+            data_dir=Path(config.data_dir).expanduser().absolute(),  # as DataDir resolves it
+            accept_networked=config.job_selection_accept_networked,
+        ),
     }
     if _wanted(config.engines, EngineName.DOCKER.value):  # probe the daemon only if wanted
         engines[EngineName.DOCKER.value] = await DockerEngine.create(
