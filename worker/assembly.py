@@ -11,6 +11,7 @@ from nats.aio.client import Client
 from opentelemetry.trace import Tracer
 
 from schemas.job import Engine as EngineName
+from schemas.job import Verifier as VerifierName
 from worker.bidding.chain import Bidder
 from worker.bidding.probes import make_probes
 from worker.bidding.types import SemanticStrategy
@@ -35,6 +36,7 @@ from worker.transport.handler import RequestHandler
 from worker.transport.info import NodeInfoService
 from worker.transport.logs import LogStreamer
 from worker.transport.subjects import Subjects
+from worker.verifiers.deterministic import DeterministicVerifier, RequesterKeyStrategy
 
 if TYPE_CHECKING:
     from worker.node import Node
@@ -132,11 +134,14 @@ def assemble(self: Node, nc: Client, subjects: Subjects, plugins: Plugins, trace
         executor_strategies=_executor_strategies(plugins),
         is_local=plugins.is_local,
         input_size=plugins.known_size,
-        probes=make_probes(
-            exec_command=c.job_selection_probe_exec,
-            http_url=c.job_selection_probe_http,
-            timeout=c.probe_timeout,
-        ),
+        probes=[
+            *_verifier_checks(plugins),
+            *make_probes(
+                exec_command=c.job_selection_probe_exec,
+                http_url=c.job_selection_probe_http,
+                timeout=c.probe_timeout,
+            ),
+        ],
         is_draining=lambda: self.draining,
     )
     endpoint = BaseEndpoint(
@@ -206,6 +211,12 @@ def assemble(self: Node, nc: Client, subjects: Subjects, plugins: Plugins, trace
         bidder=bidder,
         logs=logs,
     )
+
+
+def _verifier_checks(plugins: Plugins) -> list[SemanticStrategy]:
+    """A Deterministic job without a usable requester key is declined at bid time."""
+    verifier = plugins.verifiers.get(VerifierName.DETERMINISTIC.value)
+    return [RequesterKeyStrategy(verifier)] if isinstance(verifier, DeterministicVerifier) else []
 
 
 def _executor_strategies(plugins: Plugins) -> dict[str, SemanticStrategy]:

@@ -21,6 +21,7 @@ from nats.micro.service import Service
 from opentelemetry.sdk.trace import TracerProvider
 
 from schemas.job import Engine as EngineName
+from schemas.job import Publisher as PublisherName
 from worker import durations, results
 from worker.assembly import Parts, assemble, resolve_config_limits
 from worker.capacity.limits import Limits
@@ -30,6 +31,7 @@ from worker.datadir import DataDir
 from worker.engines.docker import DockerEngine
 from worker.metrics import MetricsSetup, NodeMetrics, make_metrics
 from worker.plugins import Plugins, build_plugins
+from worker.publishers.local import LocalPublisher
 from worker.recovery import Recovery
 from worker.states import Cause
 from worker.store.sqlite import SqliteStore
@@ -89,6 +91,7 @@ class Node:
         self._service: Service | None = None
         self._own_lock = False
         self._active_plugins: Plugins | None = None
+        self._local: LocalPublisher | None = None
         self._metrics_setup: MetricsSetup | None = None
         self.metrics = NodeMetrics()
 
@@ -147,6 +150,7 @@ class Node:
         if c.callbacks == "jetstream":
             await ensure_callback_stream(nc, subjects, create=self._create_stream)
         self._parts = assemble(self, nc, subjects, plugins, tracer)
+        await self._start_local_publisher(plugins)  # before Recovery re-publishes
         docker = plugins.engines.get(EngineName.DOCKER.value)
         if isinstance(docker, DockerEngine):
             await docker.cleanup_leftovers()  # restart policy: containers of a dead run
@@ -175,6 +179,17 @@ class Node:
         self._owner.spawn(self._parts.info.run(), name="nodeinfo")
         await self._parts.info.publish()
         log.info("node %s ready (instance %s)", self.node_id, self.instance_id)
+
+    async def _start_local_publisher(self, plugins: Plugins) -> None:
+        local = plugins.publishers.get(PublisherName.LOCAL.value)
+        if not isinstance(local, LocalPublisher):
+            return
+        try:
+            await local.start()
+        except OSError as exc:
+            listen = self.config.publisher_local_listen
+            raise StartupError(1, f"Local publisher cannot listen on {listen}: {exc}") from exc
+        self._local = local
 
     async def _check_id_free(self, nc: Client, subjects: Subjects) -> None:
         subject = subjects.request(self.node_id, self.node_id, Method.NODE_INFO)
@@ -211,6 +226,8 @@ class Node:
                 continue
             for execution_id in deleted:
                 results.remove(self.datadir.results_dir(), execution_id)
+                if self._local is not None:
+                    self._local.remove(execution_id)
 
     # -- drain and close -----------------------------------------------------------------
     async def drain(self) -> None:
@@ -257,6 +274,9 @@ class Node:
 
     async def _close_quietly(self) -> None:
         await self._owner.shutdown()
+        if self._local is not None:
+            await self._local.stop()
+            self._local = None
         plugins, self._active_plugins = self._active_plugins, None
         for engine in plugins.engines.values() if plugins else ():
             if isinstance(engine, DockerEngine):

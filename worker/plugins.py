@@ -24,8 +24,12 @@ from worker.engines.language import LanguageEngine
 from worker.engines.noop import NoopEngine
 from worker.engines.wasm import WasmEngine
 from worker.protocols import Engine, Publisher, StorageProvider, Verifier
+from worker.publishers.local import LocalPublisher
 from worker.publishers.noop import NoopPublisher
+from worker.publishers.objectstore import ObjectStorePublisher
+from worker.publishers.s3 import S3Publisher
 from worker.storage import build_storage
+from worker.verifiers.deterministic import DeterministicVerifier
 from worker.verifiers.noop import NoopVerifier
 
 log = logging.getLogger(__name__)
@@ -97,8 +101,28 @@ async def build_plugins(
             node_id=node_id,
             accept_networked=config.job_selection_accept_networked,
         )
-    verifiers: dict[str, Verifier] = {VerifierName.NOOP.value: NoopVerifier()}
-    publishers: dict[str, Publisher] = {PublisherName.NOOP.value: NoopPublisher()}
+    data = Path(config.data_dir).expanduser().absolute()
+    scratch = data / "work"  # on the results' disk
+    verifiers: dict[str, Verifier] = {
+        VerifierName.NOOP.value: NoopVerifier(),
+        VerifierName.DETERMINISTIC.value: DeterministicVerifier(),
+    }
+    publishers: dict[str, Publisher] = {
+        PublisherName.NOOP.value: NoopPublisher(),
+        PublisherName.LOCAL.value: LocalPublisher(
+            directory=data / "published",
+            listen=config.publisher_local_listen or "127.0.0.1:0",
+            base_url=config.publisher_local_base_url,
+        ),
+        PublisherName.S3.value: S3Publisher(
+            default_endpoint=config.s3_endpoint,
+            allow_cidr=config.url_input_allow_cidr,
+            scratch_dir=scratch,
+        ),
+        PublisherName.OBJECT_STORE.value: ObjectStorePublisher(
+            connection=connection, scratch_dir=scratch
+        ),
+    }
     return Plugins(
         engines=_select(engines, config.engines, "engine"),
         verifiers=_select(verifiers, [], "verifier"),
