@@ -128,6 +128,7 @@ def assemble(self: Node, nc: Client, subjects: Subjects, plugins: Plugins, trace
         publishers=list(plugins.publishers),
         storage_sources=list(plugins.storage_sources),
         accept_networked=c.job_selection_accept_networked,
+        http_proxy=bool(c.http_allowlist_proxy),
         reject_stateless=c.job_selection_reject_stateless,
         locality="local" if c.job_selection_data_locality == "local" else "anywhere",
         timeout_bypass=c.timeout_bypass_client,

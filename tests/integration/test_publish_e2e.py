@@ -96,3 +96,35 @@ async def test_object_store_publisher_stores_the_result(
     stored = await store.get(name)
     assert stored.data is not None
     assert members(stored.data)["outputs/hello.txt"] == b"hello from python\n"
+
+
+async def test_hostile_job_specs_fail_cleanly(
+    make_node: NodeFactory, nc: Client, prefix: str
+) -> None:
+    """An output named ../x and a loopback URL input end in a ComputeError naming the
+    problem; HTTP networking without an allowlist proxy is declined at bid time."""
+    await make_node("n1", language_uid_range="470200-470299")
+    requester = Requester(nc=nc, requester_id="r1", prefix=prefix)
+    await requester.start()
+    try:
+        escape = python_job({"Type": "Noop"})
+        escape.Spec.outputs[0].Name = "../x"
+        loopback = python_job({"Type": "Noop"})
+        loopback.Spec.inputs = msgspec.convert(
+            [{"StorageSource": "URLDownload", "URL": "http://127.0.0.1:1/x", "path": "/in"}],
+            list[type(loopback.Spec.outputs[0])],  # type: ignore[misc]
+        )
+        for job, needle in ((escape, "invalid output name"), (loopback, "127.0.0.1")):
+            bid = await requester.ask("n1", job)
+            assert bid.Accepted, bid.Reason
+            await requester.accept("n1", bid.ExecutionID)
+            failure = await requester.wait_callback(bid.ExecutionID, timeout=30)
+            assert type(failure).__name__ == "ComputeError", failure
+            assert needle in failure.Err, failure  # type: ignore[union-attr]
+        http = python_job({"Type": "Noop"})
+        http.Spec.Network.Type = type(http.Spec.Network.Type)("HTTP")
+        declined = await requester.ask("n1", http)
+        assert not declined.Accepted
+        assert declined.Reason.startswith("networking"), declined.Reason
+    finally:
+        await requester.close()
