@@ -1,0 +1,209 @@
+"""The SQLite store's operations: each one plain function of the connection.
+
+``SqliteStore`` runs each in aiosqlite's connection thread, in one hop: a read as it is, a
+write inside a (possibly grouped) transaction. An update's callback builder runs here too,
+so it must stay pure.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from schemas.compute import ExecutionState
+from worker.errors import AlreadyExistsError, ExecutionNotFound
+from worker.store.common import (
+    apply_update,
+    creation_history,
+    decode_execution,
+    encode_cursor,
+    from_us,
+    normalize,
+    to_us,
+    validate_new,
+)
+from worker.store.sqlite_rows import (
+    LIVE,
+    TERMINAL,
+    docs,
+    execution_params,
+    insert_history,
+    insert_outbox,
+)
+from worker.store.types import (
+    Execution,
+    HistoryEntry,
+    ListQuery,
+    OutboxRow,
+    OutboxStats,
+    Tombstone,
+    UpdateRequest,
+)
+
+__all__ = [
+    "changed_rows",
+    "create",
+    "find_active",
+    "get",
+    "history",
+    "list_page",
+    "optimize",
+    "outbox_stats",
+    "purge",
+    "tombstone",
+    "update",
+]
+
+
+def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> Execution:
+    if conn.execute("SELECT 1 FROM executions WHERE id = ?", (execution.id,)).fetchone():
+        raise AlreadyExistsError(f"execution already exists: {execution.id}")
+    validate_new(execution)
+    stored = normalize(execution)
+    conn.execute(
+        "INSERT INTO executions (job_id, requester, state, version, update_us, deadline_us,"
+        " last_cause, doc, id, create_us, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+        " (SELECT IFNULL(MAX(ord), 0) + 1 FROM executions))",
+        (*execution_params(stored), to_us(stored.create_time)),
+    )
+    insert_history(conn, creation_history(stored, comment))
+    return stored
+
+
+def update(
+    conn: sqlite3.Connection, request: UpdateRequest, changes: dict[str, Any], now: datetime
+) -> tuple[Execution, OutboxRow | None]:
+    found = conn.execute(
+        "SELECT doc FROM executions WHERE id = ?", (request.execution_id,)
+    ).fetchone()
+    if found is None:
+        raise ExecutionNotFound(request.execution_id)
+    after, entry, row = apply_update(decode_execution(found[0]), request, changes, now)
+    conn.execute(
+        "UPDATE executions SET job_id = ?, requester = ?, state = ?, version = ?, update_us = ?,"
+        " deadline_us = ?, last_cause = ?, doc = ? WHERE id = ?",
+        execution_params(after),
+    )
+    insert_history(conn, entry)
+    if row is not None:
+        insert_outbox(conn, row)
+    return after, row
+
+
+def get(conn: sqlite3.Connection, execution_id: str) -> Execution:
+    found = conn.execute("SELECT doc FROM executions WHERE id = ?", (execution_id,)).fetchone()
+    if found is None:
+        raise ExecutionNotFound(execution_id)
+    return decode_execution(found[0])
+
+
+def find_active(conn: sqlite3.Connection, requester: str, job_id: str) -> Execution | None:
+    found = docs(
+        conn,
+        f"SELECT doc FROM executions WHERE requester = ? AND job_id = ? AND {LIVE}"
+        " ORDER BY update_us DESC, ord DESC LIMIT 1",
+        (requester, job_id),
+    )
+    return found[0] if found else None
+
+
+def history(conn: sqlite3.Connection, execution_id: str) -> list[HistoryEntry]:
+    rows = conn.execute(
+        "SELECT previous_state, new_state, new_version, cause, requester, comment, time_us"
+        " FROM history WHERE execution_id = ? ORDER BY new_version",
+        (execution_id,),
+    )
+    return [
+        HistoryEntry(
+            execution_id=execution_id,
+            previous_state=ExecutionState(r[0]),
+            new_state=ExecutionState(r[1]),
+            new_version=r[2],
+            cause=r[3],
+            requester=r[4],
+            comment=r[5],
+            time=from_us(r[6]),
+        )
+        for r in rows
+    ]
+
+
+def list_page(
+    conn: sqlite3.Connection, query: ListQuery, after: tuple[int, str] | None
+) -> tuple[list[Execution], str]:
+    where: list[str] = ["requester = ?"]
+    params: list[Any] = [query.requester]
+    if query.updated_since is not None:
+        where.append("update_us >= ?")
+        params.append(to_us(query.updated_since))
+    if query.states:
+        states = sorted({s.value for s in query.states})
+        where.append(f"state IN ({', '.join('?' * len(states))})")
+        params.extend(states)
+    if after is not None:
+        where.append("(update_us, id) > (?, ?)")
+        params.extend(after)
+    found = docs(
+        conn,
+        f"SELECT doc FROM executions WHERE {' AND '.join(where)} ORDER BY update_us, id LIMIT ?",
+        (*params, query.limit + 1),
+    )
+    page = found[: query.limit]
+    more = len(found) > query.limit
+    return page, encode_cursor(page[-1].update_time, page[-1].id) if more else ""
+
+
+def outbox_stats(conn: sqlite3.Connection) -> OutboxStats:
+    pending, parked, oldest = conn.execute(
+        "SELECT count(*), IFNULL(sum(parked), 0), min(created_us) FROM outbox WHERE delivered = 0"
+    ).fetchone()
+    return OutboxStats(
+        pending=pending,
+        parked=parked,
+        oldest=from_us(oldest) if oldest is not None else None,
+    )
+
+
+def tombstone(conn: sqlite3.Connection, execution_id: str) -> Tombstone | None:
+    r = conn.execute(
+        "SELECT id, job_id, requester, state, cause, deleted_us FROM tombstones WHERE id = ?",
+        (execution_id,),
+    ).fetchone()
+    if r is None:
+        return None
+    return Tombstone(
+        id=r[0],
+        job_id=r[1],
+        requester=r[2],
+        state=ExecutionState(r[3]),
+        cause=r[4],
+        deleted_at=from_us(r[5]),
+    )
+
+
+def purge(conn: sqlite3.Connection, cutoff_us: int, tombstones_us: int, now_us: int) -> list[str]:
+    doomed = conn.execute(
+        "SELECT id, job_id, requester, state, last_cause FROM executions AS e"
+        f" WHERE {TERMINAL} AND update_us < ? AND NOT EXISTS (SELECT 1 FROM outbox AS o"
+        " WHERE o.execution_id = e.id AND o.delivered = 0) ORDER BY update_us, id",
+        (cutoff_us,),
+    ).fetchall()
+    conn.executemany(
+        "INSERT OR REPLACE INTO tombstones (id, job_id, requester, state, cause, deleted_us)"
+        " VALUES (?, ?, ?, ?, ?, ?)",
+        [(*r, now_us) for r in doomed],
+    )
+    conn.executemany("DELETE FROM executions WHERE id = ?", [(r[0],) for r in doomed])
+    conn.execute("DELETE FROM tombstones WHERE deleted_us < ?", (tombstones_us,))
+    return [r[0] for r in doomed]
+
+
+def changed_rows(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> int:
+    """One statement; the number of rows it changed."""
+    return conn.execute(sql, params).rowcount
+
+
+def optimize(conn: sqlite3.Connection) -> None:
+    conn.execute("PRAGMA optimize")

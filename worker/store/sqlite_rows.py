@@ -1,0 +1,139 @@
+"""The SQLite store's rows: shared SQL fragments, record ⇄ row, SQLite's errors as ours.
+
+The tables themselves are defined by ``migrations/``. Everything here runs in aiosqlite's
+connection thread, inside the caller's transaction.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from worker.errors import StoreError, StoreUnavailableError
+from worker.store.common import decode_execution, encode_execution, from_us, to_us
+from worker.store.types import Execution, HistoryEntry, OutboxRow
+
+__all__ = [
+    "LIVE",
+    "OUTBOX_COLUMNS",
+    "TERMINAL",
+    "docs",
+    "execution_params",
+    "insert_history",
+    "insert_outbox",
+    "is_unavailable",
+    "outbox_row",
+    "store_error",
+]
+
+# Primary result codes that mean "the store cannot write now", not "this request is wrong".
+_UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+    }
+)
+_UNAVAILABLE_TEXTS = ("database or disk is full", "database is locked", "readonly database")
+
+# Must match the WHERE of the partial indexes in 0001_init.sql word for word.
+LIVE = "state NOT IN ('Completed', 'Failed', 'Cancelled')"
+TERMINAL = "state IN ('Completed', 'Failed', 'Cancelled')"
+OUTBOX_COLUMNS = (
+    "execution_id, seq, subject, kind, body, headers, created_us, attempts, parked, delivered,"
+    " last_error, link"
+)
+
+_headers_encoder = msgspec.json.Encoder()
+_headers_decoder = msgspec.json.Decoder(dict[str, str])
+
+
+def is_unavailable(exc: sqlite3.Error) -> bool:
+    """True for disk-full, locked, read-only and I/O errors (→ ``StoreUnavailableError``)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF in _UNAVAILABLE_CODES
+    text = str(exc)
+    return any(t in text for t in _UNAVAILABLE_TEXTS)
+
+
+def store_error(exc: sqlite3.Error) -> StoreError:
+    """The node's error for a SQLite one: 503 when it may pass, 500 otherwise."""
+    if is_unavailable(exc):
+        return StoreUnavailableError(f"execution store unavailable: {exc}")
+    return StoreError(f"execution store error: {exc}")
+
+
+def execution_params(e: Execution) -> tuple[Any, ...]:
+    deadline = to_us(e.deadline) if e.deadline is not None else None
+    return (
+        e.job_id,
+        e.requester,
+        e.state.value,
+        e.version,
+        to_us(e.update_time),
+        deadline,
+        e.last_cause,
+        encode_execution(e),
+        e.id,
+    )
+
+
+def insert_history(conn: sqlite3.Connection, h: HistoryEntry) -> None:
+    conn.execute(
+        "INSERT INTO history (execution_id, new_version, previous_state, new_state, cause,"
+        " requester, comment, time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            h.execution_id,
+            h.new_version,
+            h.previous_state.value,
+            h.new_state.value,
+            h.cause,
+            h.requester,
+            h.comment,
+            to_us(h.time),
+        ),
+    )
+
+
+def insert_outbox(conn: sqlite3.Connection, row: OutboxRow) -> None:
+    conn.execute(
+        f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, '', ?)",
+        (
+            row.execution_id,
+            row.seq,
+            row.subject,
+            row.kind,
+            row.body,
+            _headers_encoder.encode(row.headers).decode(),
+            to_us(row.created_at),
+            _headers_encoder.encode(row.link).decode(),
+        ),
+    )
+
+
+def outbox_row(r: tuple[Any, ...]) -> OutboxRow:
+    return OutboxRow(
+        execution_id=r[0],
+        seq=r[1],
+        subject=r[2],
+        kind=r[3],
+        body=bytes(r[4]),
+        headers=_headers_decoder.decode(r[5]),
+        created_at=from_us(r[6]),
+        attempts=r[7],
+        parked=bool(r[8]),
+        delivered=bool(r[9]),
+        last_error=r[10],
+        link=_headers_decoder.decode(r[11]),
+    )
+
+
+def docs(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[Execution]:
+    return [decode_execution(r[0]) for r in conn.execute(sql, params)]
