@@ -160,6 +160,7 @@ class Node:
             buffer=self._parts.buffer,
             executor=self._parts.executor,
             deadlines=self._parts.deadlines,
+            queue_timeout=c.queue_timeout,
         ).run()
         await self._parts.dispatcher.start()
         self._owner.spawn(self._parts.deadlines.run(), name="deadlines")

@@ -42,8 +42,10 @@ class Recovery:
         buffer: ExecutorBuffer,
         executor: BaseExecutor,
         deadlines: Deadlines,
+        queue_timeout: float,
     ) -> None:
         self.store = store
+        self.queue_timeout = queue_timeout
         self.pool = pool
         self.buffer = buffer
         self.executor = executor
@@ -61,6 +63,18 @@ class Recovery:
         state = execution.state
         waiting = state in (S.CREATED, S.BID_ACCEPTED, S.WAITING_VERIFICATION)
         if waiting and execution.deadline is not None:
+            if execution.deadline <= datetime.now(UTC):
+                # It passed while the node was down: expire it now, before anything
+                # could start it (a queued job must not run after its queue timeout).
+                await self.expire(
+                    execution.id,
+                    store=self.store,
+                    executor=self.executor,
+                    buffer=self.buffer,
+                    deadlines=self.deadlines,
+                    queue_timeout=self.queue_timeout,
+                )
+                return
             self.deadlines.schedule(execution.id, execution.deadline)
         if state is S.CREATED:
             self.pool.restore(execution.id, execution.requester, execution.usage, "pending")
