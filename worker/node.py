@@ -148,7 +148,9 @@ class Node:
         )
         await self._check_id_free(nc, subjects)
         if c.callbacks == "jetstream":
-            await ensure_callback_stream(nc, subjects, create=self._create_stream)
+            await ensure_callback_stream(
+                nc, subjects, create=self._create_stream, wait=c.connect_timeout
+            )
         self._parts = assemble(self, nc, subjects, plugins, tracer)
         await self._start_local_publisher(plugins)  # before Recovery re-publishes
         docker = plugins.engines.get(EngineName.DOCKER.value)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 
 from nats.aio.client import Client
+from nats.errors import NoRespondersError
+from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
-from nats.js.errors import NotFoundError
+from nats.js.errors import NotFoundError, ServiceUnavailableError
 
 from worker.transport.subjects import Subjects
 
@@ -34,14 +37,36 @@ def stream_config(subjects: Subjects) -> StreamConfig:
     )
 
 
-async def ensure_callback_stream(nc: Client, subjects: Subjects, *, create: bool) -> str:
+async def _lookup(nc: Client, subjects: Subjects, subject: str, wait: float) -> str | None:
+    """The stream covering ``subject``; None when none does. Retries while JetStream does
+    not answer (a cluster forming, an edge link down), up to ``wait`` seconds."""
+    jsm = nc.jetstream(timeout=2)
+    deadline = asyncio.get_running_loop().time() + wait
+    while True:
+        try:
+            return str(await jsm.find_stream_name_by_subject(subject))
+        except NotFoundError:
+            return None
+        except (ServiceUnavailableError, NoRespondersError, NatsTimeout, TimeoutError) as exc:
+            if asyncio.get_running_loop().time() >= deadline:
+                raise CallbackStreamMissing(
+                    f"JetStream did not answer the lookup of the callback stream "
+                    f"{subjects.stream_name()} for {subject!r} "
+                    f"within {wait:g}s ({type(exc).__name__}): is JetStream reachable and "
+                    "does this node's user have $JS.API.STREAM.NAMES?"
+                ) from exc
+            await asyncio.sleep(0.5)
+
+
+async def ensure_callback_stream(
+    nc: Client, subjects: Subjects, *, create: bool, wait: float = 10.0
+) -> str:
     """The name of the stream covering this node's callbacks; created when ``create``."""
     jsm = nc.jetstream()
     probe = f"{subjects.prefix}.orchestrator.r.{subjects.node_id}.OnRunComplete/v1"
-    try:
-        return str(await jsm.find_stream_name_by_subject(probe))
-    except NotFoundError:
-        pass
+    found = await _lookup(nc, subjects, probe, wait)
+    if found is not None:
+        return found
     if not create:
         raise CallbackStreamMissing(
             f"no JetStream stream covers {subjects.callbacks_wildcard()}: create "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from collections.abc import Iterable
 from datetime import datetime
 from typing import Literal
@@ -19,7 +20,9 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 from nats.errors import Error as NatsError
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.client import JetStreamContext
 from opentelemetry import trace
 
 from schemas.callbacks import Callback, CallbackKind, RunResult
@@ -62,7 +65,8 @@ class Requester(NodeRequests):
         super().__init__(
             nc=nc, requester_id=requester_id, prefix=prefix, timeout=timeout, tracer=tracer
         )
-        self._subs: list[Subscription] = []
+        self._subs: list[Subscription | JetStreamContext.PullSubscription] = []
+        self._puller: asyncio.Task[None] | None = None
         self._nodes: dict[str, tuple[float, NodeInfo]] = {}
         self._inbox = CallbackInbox(prefix=prefix, requester_id=self.requester_id)
         self._lingering: dict[asyncio.Task[None], FanOut] = {}
@@ -99,18 +103,43 @@ class Requester(NodeRequests):
         if callbacks == "core":
             self._subs.append(await self._nc.subscribe(self.callback_subject, cb=self._inbox.put))
         else:
-            config = ConsumerConfig(opt_start_time=since) if since else None
-            self._subs.append(
-                await self._nc.jetstream(timeout=self.timeout).subscribe(
-                    self.callback_subject,
-                    stream=self.callback_stream,
-                    cb=self._inbox.put,
-                    ordered_consumer=True,
-                    config=config,
-                    deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
-                )
-            )
+            await self._start_stream_consumer(since)
         await flush_subscriptions(self._nc, self.timeout)
+
+    async def _start_stream_consumer(self, since: datetime | None) -> None:
+        """A consumer named on create and filtered on this requester's own subjects —
+        the only kind its permissions allow (PROTOCOL.md §6) — pulled and acknowledged."""
+        js = self._nc.jetstream(timeout=self.timeout)
+        name = f"{self.requester_id}-{uuid.uuid4().hex[:10]}"
+        await js.add_consumer(
+            self.callback_stream,
+            ConsumerConfig(
+                name=name,
+                filter_subject=self.callback_subject,
+                deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
+                opt_start_time=since,
+                ack_policy=AckPolicy.EXPLICIT,
+                inactive_threshold=60.0,
+                mem_storage=True,
+            ),
+        )
+        psub = await js.pull_subscribe_bind(durable=name, stream=self.callback_stream)
+        self._subs.append(psub)
+        self._puller = asyncio.get_running_loop().create_task(self._pull(psub))
+
+    async def _pull(self, psub: JetStreamContext.PullSubscription) -> None:
+        while True:
+            try:
+                msgs = await psub.fetch(256, timeout=1)
+            except (NatsTimeout, TimeoutError):
+                continue  # nothing new
+            except NatsError as exc:  # disconnected: the consumer resumes after reconnect
+                log.debug("callback fetch failed: %r", exc)
+                await asyncio.sleep(0.5)
+                continue
+            for msg in msgs:
+                await self._inbox.put(msg)
+                await msg.ack()
 
     async def close(self) -> None:
         """Stop: finish rejecting late bids already received, then unsubscribe everything."""
@@ -118,6 +147,10 @@ class Requester(NodeRequests):
             fan.queue.put_nowait(None)  # stop lingering now, after the replies already queued
         if self._lingering:
             await asyncio.gather(*self._lingering, return_exceptions=True)
+        if self._puller is not None:
+            self._puller.cancel()
+            await asyncio.gather(self._puller, return_exceptions=True)
+            self._puller = None
         subs, self._subs = self._subs, []
         for sub in subs:
             try:
