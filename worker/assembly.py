@@ -12,6 +12,7 @@ from opentelemetry.trace import Tracer
 
 from schemas.job import Engine as EngineName
 from schemas.job import Verifier as VerifierName
+from worker.ballast import GuardedStore
 from worker.bidding.chain import Bidder
 from worker.bidding.probes import make_probes
 from worker.bidding.types import SemanticStrategy
@@ -144,6 +145,9 @@ def assemble(self: Node, nc: Client, subjects: Subjects, plugins: Plugins, trace
             ),
         ],
         is_draining=lambda: self.draining,
+        store_available=(
+            self.store.available if isinstance(self.store, GuardedStore) else lambda: True
+        ),
     )
     endpoint = BaseEndpoint(
         node_id=self.node_id,

@@ -23,7 +23,13 @@ from schemas.compute import ExecutionState as S
 from schemas.job import StorageSpec
 from worker import durations, results, telemetry
 from worker.callbacks import CallbackFactory
-from worker.errors import EngineError, InvalidStateError, StoreError, WorkerError
+from worker.errors import (
+    EngineError,
+    InvalidStateError,
+    StoreError,
+    StoreUnavailableError,
+    WorkerError,
+)
 from worker.metrics import NodeMetrics
 from worker.protocols import (
     Engine,
@@ -111,10 +117,21 @@ class BaseExecutor:
             changes=dict(changes or {}),
             callback=self.callbacks.for_kind(move.callback, err=comment, cause=cause.value),
         )
-        try:
-            result = await self.store.update(request)
-        except InvalidStateError:
-            return None
+        delay = 0.1
+        while True:
+            try:
+                result = await self.store.update(request)
+                break
+            except InvalidStateError:
+                return None
+            except StoreUnavailableError as exc:
+                # Disk full or locked: it passes. Dropping the move would leave the
+                # execution in a state nothing ever leaves (Running forever).
+                log.warning(
+                    "%s of %s waits for the store: %s", cause.value, execution.id, exc.message
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
         self._announce(result)
         return result.execution
 

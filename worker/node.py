@@ -24,6 +24,7 @@ from schemas.job import Engine as EngineName
 from schemas.job import Publisher as PublisherName
 from worker import durations, results
 from worker.assembly import Parts, assemble, resolve_config_limits
+from worker.ballast import Ballast, GuardedStore
 from worker.capacity.limits import Limits
 from worker.config import Config
 from worker.connection import connect
@@ -34,7 +35,6 @@ from worker.plugins import Plugins, build_plugins
 from worker.publishers.local import LocalPublisher
 from worker.recovery import Recovery
 from worker.states import Cause
-from worker.store.sqlite import SqliteStore
 from worker.store.types import ExecutionStore
 from worker.streams import ensure_callback_stream
 from worker.tasks import TaskOwner
@@ -80,8 +80,10 @@ class Node:
         self._plugins = plugins
         self._provider = tracer_provider
         self._own_provider = tracer_provider is None
-        self.store: ExecutionStore = store or SqliteStore(
-            self.datadir.db_path(), sync="full" if config.sync == "full" else "normal"
+        self.store: ExecutionStore = store or GuardedStore(
+            self.datadir.db_path(),
+            ballast=Ballast(self.datadir.path / "ballast"),
+            sync="full" if config.sync == "full" else "normal",
         )
         self._create_stream = create_callback_stream
         self._owner = TaskOwner(name="node")
@@ -116,6 +118,9 @@ class Node:
     async def _start(self) -> None:
         c = self.config
         self.node_id = self.datadir.resolve_node_id(c.node_id or None, await self.store.count() > 0)
+        if isinstance(self.store, GuardedStore):
+            await self.store.prepare()  # the ballast, now that the data dir is ours
+            self._owner.spawn(self.store.maintain(), name="store-guard")
         self.limits, warnings = resolve_config_limits(c, self.datadir.path)
         for warning in warnings:
             log.warning("%s", warning)

@@ -12,7 +12,7 @@ import contextlib
 import heapq
 import logging
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ class Deadlines:
                 try:
                     await self._fire(execution_id)
                 except Exception:
-                    log.exception("deadline of %s failed", execution_id)
+                    log.exception("deadline of %s failed: again in 1s", execution_id)
+                    if execution_id not in self._current:
+                        self.schedule(execution_id, datetime.now(UTC) + timedelta(seconds=1))
             if due:
                 continue
             timeout = None

@@ -8,6 +8,7 @@ places jobs (``fanout``, ``placement``), and runs a placed job to its end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
@@ -23,6 +24,7 @@ from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.client import JetStreamContext
+from nats.js.errors import NotFoundError as JsNotFoundError
 from opentelemetry import trace
 
 from schemas.callbacks import Callback, CallbackKind, RunResult
@@ -67,6 +69,7 @@ class Requester(NodeRequests):
         )
         self._subs: list[Subscription | JetStreamContext.PullSubscription] = []
         self._puller: asyncio.Task[None] | None = None
+        self._consumer = ""
         self._nodes: dict[str, tuple[float, NodeInfo]] = {}
         self._inbox = CallbackInbox(prefix=prefix, requester_id=self.requester_id)
         self._lingering: dict[asyncio.Task[None], FanOut] = {}
@@ -109,37 +112,73 @@ class Requester(NodeRequests):
     async def _start_stream_consumer(self, since: datetime | None) -> None:
         """A consumer named on create and filtered on this requester's own subjects —
         the only kind its permissions allow (PROTOCOL.md §6) — pulled and acknowledged."""
-        js = self._nc.jetstream(timeout=self.timeout)
-        name = f"{self.requester_id}-{uuid.uuid4().hex[:10]}"
-        await js.add_consumer(
-            self.callback_stream,
-            ConsumerConfig(
-                name=name,
-                filter_subject=self.callback_subject,
-                deliver_policy=DeliverPolicy.BY_START_TIME if since else DeliverPolicy.ALL,
-                opt_start_time=since,
-                ack_policy=AckPolicy.EXPLICIT,
-                inactive_threshold=60.0,
-                mem_storage=True,
-            ),
-        )
-        psub = await js.pull_subscribe_bind(durable=name, stream=self.callback_stream)
-        self._subs.append(psub)
+        psub = await self._bind_consumer(since=since, after_seq=0)
         self._puller = asyncio.get_running_loop().create_task(self._pull(psub))
 
+    async def _bind_consumer(
+        self, *, since: datetime | None, after_seq: int
+    ) -> JetStreamContext.PullSubscription:
+        js = self._nc.jetstream(timeout=self.timeout)
+        name = f"{self.requester_id}-{uuid.uuid4().hex[:10]}"
+        config = ConsumerConfig(
+            name=name,
+            filter_subject=self.callback_subject,
+            deliver_policy=DeliverPolicy.ALL,
+            ack_policy=AckPolicy.EXPLICIT,
+            inactive_threshold=60.0,
+            mem_storage=True,
+        )
+        if after_seq:  # resuming: right after the last callback taken
+            config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
+            config.opt_start_seq = after_seq + 1
+        elif since is not None:
+            config.deliver_policy = DeliverPolicy.BY_START_TIME
+            config.opt_start_time = since
+        await js.add_consumer(self.callback_stream, config)
+        psub = await js.pull_subscribe_bind(durable=name, stream=self.callback_stream)
+        self._subs.append(psub)
+        self._consumer = name
+        return psub
+
     async def _pull(self, psub: JetStreamContext.PullSubscription) -> None:
+        """Fetch forever; a consumer lost with the broker (it lives in memory) is made
+        again from the stream sequence after the last callback taken."""
+        last_seq = 0
         while True:
             try:
                 msgs = await psub.fetch(256, timeout=1)
             except (NatsTimeout, TimeoutError):
                 continue  # nothing new
-            except NatsError as exc:  # disconnected: the consumer resumes after reconnect
+            except NatsError as exc:
                 log.debug("callback fetch failed: %r", exc)
                 await asyncio.sleep(0.5)
+                psub = await self._rebind_if_lost(psub, last_seq)
                 continue
             for msg in msgs:
                 await self._inbox.put(msg)
                 await msg.ack()
+                last_seq = max(last_seq, msg.metadata.sequence.stream)
+
+    async def _rebind_if_lost(
+        self, psub: JetStreamContext.PullSubscription, last_seq: int
+    ) -> JetStreamContext.PullSubscription:
+        js = self._nc.jetstream(timeout=self.timeout)
+        try:
+            await js.consumer_info(self.callback_stream, self._consumer)
+            return psub
+        except JsNotFoundError:
+            pass
+        except NatsError:
+            return psub  # still disconnected: try again later
+        with contextlib.suppress(NatsError):
+            await psub.unsubscribe()
+        if psub in self._subs:
+            self._subs.remove(psub)
+        try:
+            return await self._bind_consumer(since=None, after_seq=last_seq)
+        except NatsError as exc:
+            log.debug("callback consumer not re-created yet: %r", exc)
+            return psub
 
     async def close(self) -> None:
         """Stop: finish rejecting late bids already received, then unsubscribe everything."""

@@ -116,6 +116,11 @@ def _drain(conn: sqlite3.Connection, queue: deque[Write]) -> None:
         _group(conn, batch)
 
 
+def _setup_reader(conn: sqlite3.Connection, busy_ms: int) -> None:
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    conn.execute("PRAGMA query_only = ON")
+
+
 class SqliteStore:
     """``ExecutionStore`` in one SQLite file (WAL; ``sync="full"`` survives power loss too).
 
@@ -140,6 +145,9 @@ class SqliteStore:
         self._busy_ms = round(busy_timeout * 1000)
         self._clock = clock
         self._db: aiosqlite.Connection | None = None
+        # Queries have a connection of their own: in WAL they never wait for a lock, so
+        # they must not queue in the writer's thread behind a write waiting out busy_timeout.
+        self._reader: aiosqlite.Connection | None = None
         self._queue: deque[Write] = deque()  # appended here, taken in the connection thread
         # Live executions per (requester, job): a new job's ask (the common case) learns
         # that it has none without a thread hop. It may over-count for a moment (then the
@@ -171,12 +179,19 @@ class SqliteStore:
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
         self._db = db
+        reader = aiosqlite.connect(self._path, isolation_level=None)
+        await reader
+        await _in_thread(reader, _setup_reader, self._busy_ms)
+        self._reader = reader
         rows = await self._run(
             lambda c: c.execute(f"SELECT requester, job_id FROM executions WHERE {LIVE}").fetchall()
         )
         self._live = Counter((r, j) for r, j in rows)
 
     async def close(self) -> None:
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            await reader.close()
         db, self._db = self._db, None
         if db is None:
             return
@@ -203,6 +218,21 @@ class SqliteStore:
     ) -> T:
         """One hop to the connection thread: ``fn(conn, *args, **kwargs)`` runs there."""
         db = self._db
+        if db is None:
+            raise StoreUnavailableError("execution store is not open")
+        try:
+            return await _in_thread(db, fn, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise store_error(exc) from exc
+
+    async def _read(
+        self,
+        fn: Callable[Concatenate[sqlite3.Connection, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> T:
+        """A query, on the reader connection (the writer's before open() made one)."""
+        db = self._reader or self._db
         if db is None:
             raise StoreUnavailableError("execution store is not open")
         try:
@@ -251,20 +281,20 @@ class SqliteStore:
             del self._live[key]
 
     async def get_execution(self, execution_id: str) -> Execution:
-        return await self._run(ops.get, execution_id)
+        return await self._read(ops.get, execution_id)
 
     async def get_executions_for_job(self, job_id: str) -> list[Execution]:
-        return await self._run(
+        return await self._read(
             docs, "SELECT doc FROM executions WHERE job_id = ? ORDER BY ord", (job_id,)
         )
 
     async def find_active(self, requester: str, job_id: str) -> Execution | None:
         if (requester, job_id) not in self._live:
             return None
-        return await self._run(ops.find_active, requester, job_id)
+        return await self._read(ops.find_active, requester, job_id)
 
     async def get_history(self, execution_id: str) -> list[HistoryEntry]:
-        return await self._run(ops.history, execution_id)
+        return await self._read(ops.history, execution_id)
 
     async def update(self, request: UpdateRequest) -> UpdateResult:
         changes = validate_changes(request.changes)
@@ -274,15 +304,15 @@ class SqliteStore:
         return UpdateResult(after, row)
 
     async def live_executions(self) -> list[Execution]:
-        return await self._run(docs, f"SELECT doc FROM executions WHERE {LIVE} ORDER BY ord")
+        return await self._read(docs, f"SELECT doc FROM executions WHERE {LIVE} ORDER BY ord")
 
     async def list_executions(self, query: ListQuery) -> tuple[list[Execution], str]:
         check_limit(query.limit)
         after = decode_cursor(query.cursor) if query.cursor else None
-        return await self._run(ops.list_page, query, after)
+        return await self._read(ops.list_page, query, after)
 
     async def get_callbacks(self, execution_id: str) -> list[OutboxRow]:
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute(
                 f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE execution_id = ? ORDER BY seq",
                 (execution_id,),
@@ -292,7 +322,7 @@ class SqliteStore:
 
     async def pending_outbox(self, limit: int = 1000) -> list[OutboxRow]:
         check_limit(limit)
-        rows = await self._run(
+        rows = await self._read(
             lambda c: c.execute(
                 f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE delivered = 0"
                 " ORDER BY created_us, seq, execution_id LIMIT ?",
@@ -323,10 +353,10 @@ class SqliteStore:
         )
 
     async def outbox_stats(self) -> OutboxStats:
-        return await self._run(ops.outbox_stats)
+        return await self._read(ops.outbox_stats)
 
     async def get_tombstone(self, execution_id: str) -> Tombstone | None:
-        return await self._run(ops.tombstone, execution_id)
+        return await self._read(ops.tombstone, execution_id)
 
     async def purge(self, terminal_before: datetime, tombstones_before: datetime) -> list[str]:
         now = to_us(utc(self._clock()))
@@ -337,6 +367,6 @@ class SqliteStore:
         await self._write(ops.changed_rows, "DELETE FROM executions WHERE id = ?", (execution_id,))
 
     async def count(self) -> int:
-        return await self._run(
+        return await self._read(
             lambda c: int(c.execute("SELECT count(*) FROM executions").fetchone()[0])
         )

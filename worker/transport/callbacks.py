@@ -127,7 +127,10 @@ class OutboxDispatcher:
                     queue.popleft()
                     self._known.discard((row.execution_id, row.seq))
         finally:
-            self._queues.pop(execution_id, None)
+            # After an error (the store could not record an attempt, say) the rows left
+            # must be forgotten, or notify() skips them until the next restart.
+            for left in self._queues.pop(execution_id, ()):
+                self._known.discard((left.execution_id, left.seq))
             if not self._queues:
                 self._idle.set()
 
