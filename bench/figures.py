@@ -1,0 +1,331 @@
+"""The figures of a run, from its raw measurements: medians over the repetitions, each
+against the baseline measured next to it, judged against the issue's targets."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Protocol
+
+from bench.report import Figure, median
+
+Raw = dict[str, list[dict[str, Any]]]
+
+
+class _Plan(Protocol):
+    @property
+    def recovery_total(self) -> int: ...
+
+
+def _vals(raw: Raw, name: str, key: str) -> list[float]:
+    return [e[key] for e in raw.get(name, []) if e.get(key) is not None]
+
+
+def _fig(
+    raw: Raw,
+    key: str,
+    label: str,
+    value: tuple[str, str],
+    unit: str,
+    base: tuple[str, str, str] | None = None,
+    **kw: Any,
+) -> Figure | None:
+    """Median of ``raw[value[0]][*][value[1]]`` against the median of the baseline's."""
+    reps = _vals(raw, *value)
+    if not reps:
+        return None
+    breps = _vals(raw, base[0], base[1]) if base else []
+    return Figure(
+        key=key,
+        label=label,
+        value=median(reps),
+        unit=unit,
+        baseline=median(breps) if breps else None,
+        baseline_label=base[2] if base else "",
+        reps=reps,
+        baseline_reps=breps,
+        **kw,
+    )
+
+
+def declined(raw: Raw, name: str) -> str:
+    """Why the measurement ``name`` is invalid: > 1 % of its asks declined (or failed)."""
+    entries = raw.get(name, [])
+    declines = sum(e.get("declines", 0) for e in entries)
+    asked = sum(e.get("asked", 0) for e in entries)
+    errors = sum(e.get("errors", 0) for e in entries)
+    if asked and declines / asked > 0.01:
+        reasons: dict[str, int] = {}
+        for e in entries:
+            for r, c in e.get("decline_reasons", {}).items():
+                reasons[r] = reasons.get(r, 0) + c
+        return f"{declines}/{asked} asks declined (> 1 %): {reasons}"
+    if asked and errors / asked > 0.01:
+        return f"{errors} errors in {asked} asks: {entries[-1].get('first_error', '')}"
+    return ""
+
+
+def _bid(raw: Raw, sync: str) -> list[Figure]:
+    normal = sync == "normal"
+    tag = "" if normal else " [sync full]"
+    seq, c64 = f"bid.{sync}.node_seq", f"bid.{sync}.node_c64"
+    specs = [
+        (
+            f"bid_rtt_p50_{sync}",
+            f"bid round trip p50{tag}",
+            (seq, "p50_ms"),
+            "ms",
+            (f"bid.{sync}.echo_seq", "p50_ms", "echo p50"),
+            "ratio <= 2.0",
+            "ratio_le",
+            2.0,
+        ),
+        (
+            f"bid_rtt_p99_{sync}",
+            f"bid round trip p99{tag}",
+            (seq, "p99_ms"),
+            "ms",
+            (f"bid.{sync}.echo_seq", "p99_ms", "echo p99"),
+            "ratio <= 4.0",
+            "ratio_le",
+            4.0,
+        ),
+        (
+            f"ask_c64_{sync}",
+            f"AskForBid, 64 in flight, each bid rejected{tag}",
+            (c64, "rate"),
+            "/s",
+            (f"bid.{sync}.echo_c64", "rate", "echo c64 /s"),
+            "ratio >= 0.20",
+            "ratio_ge",
+            0.20,
+        ),
+    ]
+    out: list[Figure] = []
+    for key, label, value, unit, base, target, kind, limit in specs:
+        f = _fig(
+            raw,
+            key,
+            label,
+            value,
+            unit,
+            base,
+            target=target if normal else "",
+            kind=kind if normal else "",
+            limit=limit,
+        )
+        if f is not None:
+            out.append(f.judge(invalid=declined(raw, value[0])))
+    cpu = [e["cpu"]["cpu_us_per_op"].get("node", float("nan")) for e in raw.get(c64, [])]
+    if cpu:
+        out.append(
+            Figure(
+                key=f"ask_node_cpu_{sync}",
+                label=f"node CPU per ask+reject{tag}",
+                value=median(cpu),
+                unit="µs",
+                reps=cpu,
+            )
+        )
+    return out
+
+
+def _e2e(raw: Raw) -> list[Figure]:
+    out: list[Figure] = []
+    f = _fig(
+        raw,
+        "e2e_c64",
+        "noop jobs/s, 64 in flight",
+        ("e2e.node_c64", "rate"),
+        "jobs/s",
+        ("e2e.echo_c64", "rate", "echo c64 /s"),
+        target=">= 1500/s and ratio >= 0.03 (stretch 2500)",
+        kind="abs_ge+ratio_ge",
+        limit=1500,
+        limit2=0.03,
+    )
+    if f is not None:
+        out.append(f.judge(invalid=declined(raw, "e2e.node_c64")))
+    for q in ("p50", "p99"):
+        f = _fig(
+            raw,
+            f"e2e_seq_{q}",
+            f"noop job latency {q}, 1 in flight",
+            ("e2e.node_seq", f"{q}_ms"),
+            "ms",
+            ("e2e.echo_seq", f"{q}_ms", f"echo {q}"),
+        )
+        if f is not None:
+            out.append(f)
+    for q in ("p50", "p99"):
+        f = _fig(
+            raw,
+            f"fanout_{q}",
+            f"fan-out to 10 nodes, all bids in, {q}",
+            ("fanout.node", f"{q}_ms"),
+            "ms",
+            ("fanout.echo", f"{q}_ms", f"10 echoes {q}"),
+        )
+        if f is not None:
+            out.append(f)
+    return out
+
+
+def _store(raw: Raw) -> list[Figure]:
+    specs = [
+        (
+            "store_c64",
+            "store transitions/s, 64 concurrent",
+            "store.c64",
+            "store.anchor_c64",
+            "raw aiosqlite INSERT c64",
+        ),
+        (
+            "store_seq",
+            "store transitions/s, one at a time",
+            "store.seq",
+            "store.anchor_seq",
+            "raw aiosqlite INSERT",
+        ),
+        (
+            "store_c64_full",
+            "store transitions/s, 64 concurrent [sync full]",
+            "store.c64_full",
+            "store.anchor_c64_full",
+            "raw aiosqlite INSERT c64",
+        ),
+    ]
+    out = []
+    for key, label, name, base, base_label in specs:
+        f = _fig(raw, key, label, (name, "rate"), "/s", (base, "rate", base_label))
+        if f is not None:
+            out.append(f)
+    return out
+
+
+def _memory(raw: Raw) -> list[Figure]:
+    mem = raw.get("memory", [])
+    points = mem[-1].get("points", []) if mem else []
+    if len(points) < 2:
+        return []
+    n = points[-1]["executions"] - points[0]["executions"]
+    if n <= 0:
+        return []
+    per = (points[-1]["VmRSS"] - points[0]["VmRSS"]) / n * 10_000 / 2**20
+    anon = (points[-1]["RssAnon"] - points[0]["RssAnon"]) / n * 10_000 / 2**20
+    steps = [
+        (b["VmRSS"] - a["VmRSS"]) / max(1, b["executions"] - a["executions"]) * 10_000 / 2**20
+        for a, b in itertools.pairwise(points)
+    ]
+    f = Figure(
+        key="memory_per_10k",
+        label=f"RSS growth per 10,000 completed jobs (over {n:,})",
+        value=per,
+        unit="MB",
+        target="<= 5 MB",
+        kind="abs_le",
+        limit=5.0,
+        note=f"RssAnon {anon:.2f} MB; per segment " + ", ".join(f"{s:.2f}" for s in steps),
+        reps=steps,
+    )
+    return [f.judge(scaled=n < 10_000)]
+
+
+def _recovery(raw: Raw, total: int) -> list[Figure]:
+    out: list[Figure] = []
+    empty = _vals(raw, "recovery.startup_empty", "startup_s")
+    full = _vals(raw, "recovery.startup_full", "startup_s")
+    if empty and full:
+        out.append(
+            Figure(
+                key="startup_full",
+                label=f"start-up to NODE_ID with {total:,} executions",
+                value=median(full),
+                unit="s",
+                baseline=median(empty),
+                baseline_label="empty data dir",
+                compare_by="value",
+                reps=full,
+                baseline_reps=empty,
+            )
+        )
+        out.append(
+            Figure(
+                key="recovery_extra",
+                label=f"recovery: start-up extra for {total:,} executions",
+                value=median(full) - median(empty),
+                unit="s",
+                target="<= 1 s",
+                kind="abs_le",
+                limit=1.0,
+                note="median with − median empty",
+            ).judge(scaled=total < 100_000)
+        )
+    inproc = raw.get("recovery.inprocess", [])
+    inproc_empty = _vals(raw, "recovery.inprocess_empty", "node_start_s")
+    if inproc:
+        phases = ("recovery_run_s", "store_open_s", "live_executions_s", "outbox_start_s")
+        start = [e.get("node_start_s", float("nan")) for e in inproc]
+        out.append(
+            Figure(
+                key="recovery_inprocess",
+                label=f"Node.start in-process with {total:,} executions",
+                value=median(start),
+                unit="s",
+                baseline=median(inproc_empty) if inproc_empty else None,
+                baseline_label="empty data dir",
+                compare_by="value",
+                reps=start,
+                baseline_reps=inproc_empty,
+                note="; ".join(
+                    f"{k} {median([e.get(k, float('nan')) for e in inproc]):.3f}" for k in phases
+                ),
+            )
+        )
+    return out
+
+
+def _traceparent(raw: Raw) -> list[Figure]:
+    out: list[Figure] = []
+    specs = [
+        (
+            "echo_traceparent",
+            "echo c64 with traceparent vs without",
+            "echo_c64",
+            "rate",
+            "/s",
+            "ecosystem §3: ≈ 0.67",
+        ),
+        (
+            "echo_traceparent_seq",
+            "echo seq p50 with traceparent vs without",
+            "echo_seq",
+            "p50_ms",
+            "ms",
+            "ecosystem §3: ≈ 1.0",
+        ),
+    ]
+    for key, label, name, field, unit, claim in specs:
+        f = _fig(
+            raw,
+            key,
+            label,
+            (f"bid.normal.{name}", field),
+            unit,
+            (f"bid.normal.{name}_noheaders", field, "no headers"),
+            target=claim,
+        )
+        if f is not None:
+            out.append(f)
+    return out
+
+
+def figures(raw: Raw, plan: _Plan) -> list[Figure]:
+    return [
+        *_bid(raw, "normal"),
+        *_bid(raw, "full"),
+        *_e2e(raw),
+        *_store(raw),
+        *_memory(raw),
+        *_recovery(raw, plan.recovery_total),
+        *_traceparent(raw),
+    ]

