@@ -66,6 +66,8 @@ class ExecutorBuffer:
         becomes a queued one, which never fails (the bid already reserved it)."""
         if execution.id in self._queue or execution.id in self._running:
             return
+        if execution.id not in self.pool:
+            return  # cancelled or expired meanwhile: its reservation is gone
         self.pool.accept(execution.id)
         self._queue[execution.id] = _Queued(execution, time.monotonic(), time.time_ns())
         self._dequeue()

@@ -161,14 +161,15 @@ class Node:
         docker = plugins.engines.get(EngineName.DOCKER.value)
         if isinstance(docker, DockerEngine):
             await docker.cleanup_leftovers()  # restart policy: containers of a dead run
-        await Recovery(
+        recovery = Recovery(
             store=self.store,
             pool=self._parts.pool,
             buffer=self._parts.buffer,
             executor=self._parts.executor,
             deadlines=self._parts.deadlines,
             queue_timeout=c.queue_timeout,
-        ).run()
+        )
+        await recovery.run()
         await self._parts.dispatcher.start()
         self._owner.spawn(self._parts.deadlines.run(), name="deadlines")
         self._owner.spawn(self._retention(), name="retention")
@@ -186,6 +187,7 @@ class Node:
         )
         self._owner.spawn(self._parts.info.run(), name="nodeinfo")
         await self._parts.info.publish()
+        recovery.resume()  # runs and uploads of restored executions start only now
         log.info("node %s ready (instance %s)", self.node_id, self.instance_id)
 
     async def _start_local_publisher(self, plugins: Plugins) -> None:

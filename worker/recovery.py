@@ -15,6 +15,7 @@ is treated as now).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import UTC, datetime
 
@@ -46,6 +47,7 @@ class Recovery:
     ) -> None:
         self.store = store
         self.queue_timeout = queue_timeout
+        self._deferred: list[Execution] = []
         self.pool = pool
         self.buffer = buffer
         self.executor = executor
@@ -54,8 +56,15 @@ class Recovery:
     async def run(self) -> None:
         live = await self.store.live_executions()
         live.sort(key=lambda e: e.update_time)  # keep the queue's FIFO order
+        # Fail the Running ones first and together (one group commit), before any run or
+        # upload restored below could compete for the store.
+        running = [e for e in live if e.state is S.RUNNING]
+        await asyncio.gather(
+            *(self.executor.fail(e, Cause.NODE_RESTART, "node restart") for e in running)
+        )
         for execution in live:
-            await self._restore(execution)
+            if execution.state is not S.RUNNING:
+                await self._restore(execution)
         if live:
             log.info("restored %d live executions", len(live))
 
@@ -80,11 +89,20 @@ class Recovery:
             self.pool.restore(execution.id, execution.requester, execution.usage, "pending")
         elif state is S.BID_ACCEPTED:
             self.pool.restore(execution.id, execution.requester, execution.usage, "pending")
-            self.buffer.enqueue(execution)
-        elif state is S.RUNNING:
-            await self.executor.fail(execution, Cause.NODE_RESTART, "node restart")
+            self._deferred.append(execution)
         elif state in (S.RESULT_ACCEPTED, S.PUBLISHING):
-            self.buffer.publish(execution)
+            self._deferred.append(execution)
+
+    def resume(self) -> None:
+        """Start the restored runs and uploads, once the node serves (so a big backlog
+        does not hold up the start). A run whose execution was cancelled meanwhile does
+        not start: its first move finds the state changed."""
+        deferred, self._deferred = self._deferred, []
+        for execution in deferred:
+            if execution.state is S.BID_ACCEPTED:
+                self.buffer.enqueue(execution)
+            else:
+                self.buffer.publish(execution)
 
     @staticmethod
     async def expire(

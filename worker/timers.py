@@ -33,11 +33,20 @@ class Deadlines:
         self._counter += 1
         self._current[execution_id] = (when, self._counter)
         heapq.heappush(self._heap, (when, self._counter, execution_id))
+        self._compact()
         if self._heap[0][1] == self._counter:
             self._wake.set()
 
     def cancel(self, execution_id: str) -> None:
         self._current.pop(execution_id, None)
+        self._compact()
+
+    def _compact(self) -> None:
+        # Cancelled entries would otherwise stay until their time (up to the 1 h
+        # verification TTL): ~700 bytes per finished job.
+        if len(self._heap) > 64 and len(self._heap) > 2 * len(self._current):
+            self._heap = [(w, c, i) for i, (w, c) in self._current.items()]
+            heapq.heapify(self._heap)
 
     def __len__(self) -> int:
         return len(self._current)

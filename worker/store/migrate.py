@@ -81,6 +81,7 @@ def setup(
     """The pragmas of the store's connection (WAL, ``sync``), then ``migrate``."""
     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run off the writer's path
     conn.execute(f"PRAGMA synchronous = {sync.upper()}")
     conn.execute("PRAGMA foreign_keys = ON")
     migrate(conn, scripts)

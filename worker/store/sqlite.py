@@ -98,6 +98,7 @@ async def _in_thread(
 # --- group commit ------------------------------------------------------------------------
 
 MAX_BATCH = 256
+CHECKPOINT_INTERVAL = 0.5  # seconds between PASSIVE WAL checkpoints
 
 
 def _drain(conn: sqlite3.Connection, queue: deque[Write]) -> None:
@@ -148,6 +149,7 @@ class SqliteStore:
         # Queries have a connection of their own: in WAL they never wait for a lock, so
         # they must not queue in the writer's thread behind a write waiting out busy_timeout.
         self._reader: aiosqlite.Connection | None = None
+        self._checkpointer: asyncio.Task[None] | None = None
         self._queue: deque[Write] = deque()  # appended here, taken in the connection thread
         # Live executions per (requester, job): a new job's ask (the common case) learns
         # that it has none without a thread hop. It may over-count for a moment (then the
@@ -183,12 +185,27 @@ class SqliteStore:
         await reader
         await _in_thread(reader, _setup_reader, self._busy_ms)
         self._reader = reader
+        self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
         rows = await self._run(
             lambda c: c.execute(f"SELECT requester, job_id FROM executions WHERE {LIVE}").fetchall()
         )
         self._live = Counter((r, j) for r, j in rows)
 
+    async def _checkpoints(self) -> None:
+        """WAL checkpoints on the reader's connection, so no commit of the writer pays for
+        one (an automatic checkpoint inside a commit made the bid p99 several ms)."""
+        while True:
+            await asyncio.sleep(CHECKPOINT_INTERVAL)
+            reader = self._reader
+            if reader is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    await reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
     async def close(self) -> None:
+        task, self._checkpointer = self._checkpointer, None
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
         reader, self._reader = self._reader, None
         if reader is not None:
             await reader.close()

@@ -102,7 +102,10 @@ def get(conn: sqlite3.Connection, execution_id: str) -> Execution:
 def find_active(conn: sqlite3.Connection, requester: str, job_id: str) -> Execution | None:
     found = docs(
         conn,
-        f"SELECT doc FROM executions WHERE requester = ? AND job_id = ? AND {LIVE}"
+        # INDEXED BY: the planner otherwise picks the listing index and scans every
+        # execution of the requester (45 ms at 100,000 instead of a few µs).
+        "SELECT doc FROM executions INDEXED BY executions_requester_job"
+        f" WHERE requester = ? AND job_id = ? AND {LIVE}"
         " ORDER BY update_us DESC, ord DESC LIMIT 1",
         (requester, job_id),
     )
