@@ -1,9 +1,15 @@
-"""The ``worker`` command: ``worker serve [flags]`` and ``worker version``.
+"""The ``worker`` command: ``serve``, ``version`` and the client commands.
 
 No logic lives here. ``serve`` takes one flag per :class:`worker.config.Config` field (the
 flags are generated from the Config fields, so a new field cannot lack its flag), hands
 the flags actually given to :func:`worker.config.load_config` (environment and TOML fill in
 the rest) and runs :func:`worker.node.serve`, whose return value is the exit code.
+
+The client commands live in ``worker/cli_*.py``: ``submit`` (:mod:`worker.cli_submit`),
+``executions ls|show|logs|cancel|accept|reject`` (:mod:`worker.cli_executions`), ``nodes
+ls`` and ``node info`` (:mod:`worker.cli_nodes`), ``config show`` (:mod:`worker.cli_config`,
+with the flags of ``serve``) and ``devstack`` (:mod:`worker.cli_devstack`). They import
+the NATS client and the requester only when they run, so ``worker --help`` stays fast.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import importlib
 import inspect
+import json
 import os
 import sys
 import typing
@@ -20,6 +27,7 @@ from typing import Any, NoReturn
 
 import typer
 
+from worker import cli_config, cli_devstack, cli_executions, cli_nodes, cli_submit
 from worker.config import (
     FLAG_FIELDS,
     Config,
@@ -304,9 +312,22 @@ def _version() -> str:
 
 
 @app.command("version")
-def version_command() -> None:
+def version_command(
+    json_out: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+) -> None:
     """Print the version of the node and of its wire protocol."""
+    if json_out:
+        typer.echo(json.dumps({"Version": _version(), "ProtocolVersions": ["v1"]}))
+        return
     typer.echo(f"worker {_version()} (protocol v1)")
+
+
+app.command("submit")(cli_submit.submit)
+app.add_typer(cli_executions.app, name="executions")
+app.add_typer(cli_nodes.nodes_app, name="nodes")
+app.add_typer(cli_nodes.node_app, name="node")
+app.add_typer(cli_config.make_app(_option, FLAG_FIELDS), name="config")
+app.command("devstack")(cli_devstack.devstack)
 
 
 def main() -> None:

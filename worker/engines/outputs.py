@@ -49,6 +49,7 @@ class CappedOutput:
         if room > 0:
             kept = chunk[:room]
             file.write(kept)
+            file.flush()  # ExecutionLogs with Follow reads the file while the job runs
             self.written += len(kept)
         want = results.SUMMARY_BYTES + 1 - len(self.head)
         if want > 0:

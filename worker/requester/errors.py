@@ -61,6 +61,7 @@ class PlacementError(Exception):
     def __init__(self, message: str, *, bids: Sequence[AskForBidResponse] = ()) -> None:
         super().__init__(message)
         self.bids = list(bids)
+        self.errors: list[RequestFailed] = list(getattr(bids, "errors", []))
 
 
 class _ErrorReply(Struct):
