@@ -195,6 +195,15 @@ def _parse_subject_prefix(raw: Any) -> str:
     return text
 
 
+def _parse_uid_range(raw: Any) -> str:
+    """``FIRST-LAST`` unprivileged uids (checked as the Language engine reads them)."""
+    from worker.engines.uids import UidRange
+
+    text = _parse_str(raw)
+    UidRange.parse(text)  # ValueError names the range and the rule
+    return text
+
+
 def _parse_url(raw: Any) -> str:
     text = _parse_str(raw)
     if text:
@@ -280,6 +289,7 @@ _PARSERS: dict[str, Callable[[Any], Any]] = {
     "max_output_bytes": _parse_size,
     "http_allowlist_proxy": _parse_url,
     "s3_endpoint": _parse_url,
+    "language_uid_range": _parse_uid_range,
     "max_request_bytes": _parse_size,
     "callbacks": _enum("jetstream", "core"),
     "create_callback_stream": _parse_optional_bool,
