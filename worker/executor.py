@@ -30,6 +30,7 @@ from worker.errors import (
     StoreUnavailableError,
     WorkerError,
 )
+from worker.logconfig import about
 from worker.metrics import NodeMetrics
 from worker.protocols import (
     Engine,
@@ -167,7 +168,7 @@ class BaseExecutor:
 
     async def run(self, execution: Execution) -> None:
         """See :meth:`_run`; one span of the execution's trace around it."""
-        with self.span("execution run", execution):
+        with self.span("execution run", execution), about(execution.id, execution.job_id):
             await self._run(execution)
 
     async def _run(self, execution: Execution) -> None:
@@ -279,7 +280,7 @@ class BaseExecutor:
 
     async def publish(self, execution: Execution) -> None:
         """See :meth:`_publish`; one span of the execution's trace around it."""
-        with self.span("execution publish", execution):
+        with self.span("execution publish", execution), about(execution.id, execution.job_id):
             await self._publish(execution)
 
     async def _publish(self, execution: Execution) -> None:
