@@ -61,7 +61,10 @@ async def connect(
     """Connect within ``config.connect_timeout`` or raise ``BrokerUnreachable``."""
     nc = Client()
 
+    last_error: list[Exception] = []
+
     async def error_cb(exc: Exception) -> None:
+        last_error[:] = [exc]
         log.warning("nats: %r", exc)
 
     async def disconnected_cb() -> None:
@@ -97,7 +100,8 @@ async def connect(
         except Exception as close_exc:
             log.debug("close after failed connect: %r", close_exc)
         raise BrokerUnreachable(
-            f"broker {url} unreachable within {config.connect_timeout:g}s: {exc!r}"
+            f"broker {url} unreachable within {config.connect_timeout:g}s: "
+            f"{last_error[0] if last_error else exc!r}"
         ) from exc
     return nc
 

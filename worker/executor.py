@@ -43,6 +43,7 @@ from worker.protocols import (
     StorageProvider,
     Verifier,
 )
+from worker.redact import scrub
 from worker.states import Cause, sources_of, transition
 from worker.storage import paths
 from worker.store.types import Execution, ExecutionStore, UpdateRequest, UpdateResult
@@ -146,6 +147,7 @@ class BaseExecutor:
         fresh = await self._reload(execution)
         if fresh is None or transition(cause, fresh.state) is None:
             return False
+        err = scrub(err, fresh.job)  # the message goes to logs, the store and ComputeError
         log.info("execution %s failed (%s): %s", execution.id, cause.value, err)
         if await self.move(fresh, cause, comment=err) is None:
             return False
