@@ -117,6 +117,7 @@ def assemble(self: Node, nc: Client, subjects: Subjects, plugins: Plugins, trace
         schedule=deadlines.schedule,
         metrics=self.metrics,
         tracer=tracer,
+        secret_patterns=c.secret_env_patterns,
     )
     buffer = ExecutorBuffer(
         executor=executor, pool=pool, owner=self._owner, skip_limit=c.skip_starvation_limit

@@ -214,6 +214,11 @@ HELP: dict[str, tuple[str, str, str]] = {
         "Unprivileged uids for Language jobs, one per running execution.",
     ),
     "s3_endpoint": (_IO, "URL", "Default S3 endpoint for S3 inputs and the S3 publisher."),
+    "secret_env_patterns": (
+        _OPS,
+        "WORD",
+        "Job env names containing one of these (any case) are secret and masked; repeatable.",
+    ),
     "price_list": (_OPS, "FILE", "TOML price list (fee, cpu_second, …, currency)."),
     "metrics_listen": (_OPS, "ADDR", "host:port of a metrics endpoint. Unset: none."),
     "otlp_endpoint": (_OPS, "URL", "OTLP/HTTP collector for traces. Unset: none."),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import shutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from worker.protocols import (
     StorageProvider,
     Verifier,
 )
-from worker.redact import scrub
+from worker.redact import SECRET_PATTERNS, scrub
 from worker.states import Cause, sources_of, transition
 from worker.storage import paths
 from worker.store.types import Execution, ExecutionStore, UpdateRequest, UpdateResult
@@ -74,6 +74,7 @@ class BaseExecutor:
         schedule: Callable[[str, datetime], None] | None = None,
         metrics: NodeMetrics | None = None,
         tracer: Tracer | None = None,
+        secret_patterns: Sequence[str] = SECRET_PATTERNS,
     ) -> None:
         self.store = store
         self.callbacks = callbacks
@@ -91,6 +92,7 @@ class BaseExecutor:
         self.notify = notify
         self.metrics = metrics or NodeMetrics()
         self.tracer = tracer or trace.get_tracer("worker")
+        self.secret_patterns = tuple(secret_patterns)
         self.schedule = schedule  # told the deadline of a waiting state this executor enters
 
     def timeout_of(self, execution: Execution) -> float:
@@ -147,7 +149,8 @@ class BaseExecutor:
         fresh = await self._reload(execution)
         if fresh is None or transition(cause, fresh.state) is None:
             return False
-        err = scrub(err, fresh.job)  # the message goes to logs, the store and ComputeError
+        # The message goes to logs, the store and ComputeError: mask secret values.
+        err = scrub(err, fresh.job, self.secret_patterns)
         log.info("execution %s failed (%s): %s", execution.id, cause.value, err)
         if await self.move(fresh, cause, comment=err) is None:
             return False

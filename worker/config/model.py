@@ -111,6 +111,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     docker_host: str = ""  # "" = DOCKER_HOST or unix:///var/run/docker.sock
     language_uid_range: str = "200000-265535"  # one uid per Language execution
     s3_endpoint: str = ""  # default endpoint of S3 inputs/publishers ("" = AWS)
+    # A job's environment variable whose name contains one of these (any case) is secret:
+    # its value is masked in every message the node logs, stores or sends.
+    secret_env_patterns: list[str] = msgspec.field(
+        default_factory=lambda: ["TOKEN", "SECRET", "PASSWORD", "KEY"]
+    )
 
     # Pricing, observability, durability.
     price_list: str = ""
