@@ -19,6 +19,7 @@ from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.micro.service import Service
 from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.trace import NoOpTracer
 
 from schemas.job import Engine as EngineName
 from schemas.job import Publisher as PublisherName
@@ -132,7 +133,8 @@ class Node:
         self._active_plugins = plugins
         if self._provider is None:
             self._provider = make_provider(node_id=self.node_id, otlp_endpoint=c.otlp_endpoint)
-        tracer = self._provider.get_tracer("worker")
+        # Nothing exports: no span is made (no cost); trace context is still passed along.
+        tracer = self._provider.get_tracer("worker") if self._provider else NoOpTracer()
         self._metrics_setup = make_metrics(
             node_id=self.node_id, otlp_endpoint=c.otlp_endpoint, metrics_listen=c.metrics_listen
         )

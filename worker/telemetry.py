@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import IO, Any
 
 from opentelemetry import context as otel_context
@@ -24,7 +25,7 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.trace import Link, SpanKind, Tracer
+from opentelemetry.trace import Link, NoOpTracer, Span, SpanKind, Tracer
 
 TRACE_KEYS = ("traceparent", "tracestate")
 
@@ -59,10 +60,13 @@ class FileSpanExporter(SpanExporter):
             self._file.close()
 
 
-def make_provider(*, node_id: str, otlp_endpoint: str = "") -> TracerProvider:
+def make_provider(*, node_id: str, otlp_endpoint: str = "") -> TracerProvider | None:
     """A TracerProvider for the node: OTLP/HTTP when an endpoint is configured, a JSON-lines
-    file when ``WORKER_TRACE_FILE`` is set, otherwise spans are recorded but not exported
-    (context still propagates)."""
+    file when ``WORKER_TRACE_FILE`` is set; None when nothing would export spans (then no
+    span is made at all, and requests' trace context is only passed along)."""
+    trace_file = os.environ.get("WORKER_TRACE_FILE", "")
+    if not otlp_endpoint and not trace_file:
+        return None
     provider = TracerProvider(
         resource=Resource.create({"service.name": "worker", "service.instance.id": node_id})
     )
@@ -73,7 +77,6 @@ def make_provider(*, node_id: str, otlp_endpoint: str = "") -> TracerProvider:
         if not endpoint.endswith("/v1/traces"):
             endpoint += "/v1/traces"
         provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint)))
-    trace_file = os.environ.get("WORKER_TRACE_FILE", "")
     if trace_file:
         provider.add_span_processor(SimpleSpanProcessor(FileSpanExporter(trace_file)))
     return provider
@@ -97,10 +100,23 @@ def inject(headers: dict[str, str]) -> dict[str, str]:
     return headers
 
 
+@contextmanager
+def _propagate_only(headers: Mapping[str, str] | None) -> Iterator[Span]:
+    ctx = extract(headers)
+    token = otel_context.attach(ctx)
+    try:
+        yield trace.get_current_span(ctx)
+    finally:
+        otel_context.detach(token)
+
+
 def consumer_span(
     tracer: Tracer, template: str, headers: Mapping[str, str] | None, attributes: dict[str, Any]
 ) -> Any:
-    """The CONSUMER span of a request, child of the incoming context."""
+    """The CONSUMER span of a request, child of the incoming context; with a no-op tracer
+    only the incoming context is made current, so replies and callbacks carry it on."""
+    if isinstance(tracer, NoOpTracer):
+        return _propagate_only(headers)
     return tracer.start_as_current_span(
         f"{template} process",
         context=extract(headers),

@@ -38,7 +38,13 @@ async def make_node(
     """Start nodes on the session's broker; every one is closed at the end of the test."""
     nodes: list[Node] = []
 
-    async def factory(name: str = "n1", *, plugins: Plugins | None = None, **settings: Any) -> Node:
+    async def factory(
+        name: str = "n1",
+        *,
+        plugins: Plugins | None = None,
+        record_spans: bool = True,
+        **settings: Any,
+    ) -> Node:
         values: dict[str, Any] = {
             "data_dir": tmp_path / name,
             "node_id": name,
@@ -56,7 +62,7 @@ async def make_node(
             config=config,
             nats_url=nats_url,
             plugins=plugins,
-            tracer_provider=provider,
+            tracer_provider=provider if record_spans else None,
             create_callback_stream=True,
         )
         await node.start()

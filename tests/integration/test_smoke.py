@@ -52,3 +52,24 @@ async def test_noop_job_end_to_end(make_node: NodeFactory, nc: Client, prefix: s
         "PublishStarted",
         "PublishCompleted",
     ]
+
+
+async def test_without_an_exporter_no_span_is_made_but_context_flows(
+    make_node: NodeFactory, nc: Client, prefix: str
+) -> None:
+    """Nothing exports: the node makes no span, yet its reply and callbacks carry the
+    requester's trace context (PROTOCOL.md §8)."""
+    node = await make_node("n1", record_spans=False)
+    assert node._provider is None
+    callbacks = await nc.subscribe(f"{prefix}.orchestrator.r1.>")
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    headers = {"traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    reply = await nc.request(
+        f"{prefix}.compute.n1.r1.AskForBid/v1", ask_body(), timeout=5, headers=headers
+    )
+    assert trace_id in (reply.headers or {}).get("traceparent", "")
+    eid = json.loads(reply.data)["ExecutionID"]
+    body = json.dumps({"SourcePeerID": "r1", "ExecutionID": eid}).encode()
+    await nc.request(f"{prefix}.compute.n1.r1.BidAccepted/v1", body, timeout=5, headers=headers)
+    msg = await callbacks.next_msg(timeout=5)
+    assert msg.headers is not None and trace_id in msg.headers["traceparent"]
