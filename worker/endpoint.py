@@ -53,7 +53,7 @@ from worker.errors import (
 from worker.metrics import NodeMetrics
 from worker.pricing import PriceList
 from worker.protocols import OutboxNotify
-from worker.states import Cause, transition
+from worker.states import Cause, single_move, transition
 from worker.store.types import Execution, ExecutionStore, UpdateRequest
 from worker.timers import Deadlines
 
@@ -304,6 +304,9 @@ class BaseEndpoint:
         changes: dict[str, object] | None = None,
     ) -> tuple[Execution, bool]:
         """Apply ``cause`` by compare-and-set; (execution, False) for a duplicate."""
+        applied = await self._apply_directly(requester, execution_id, cause, comment, changes)
+        if applied is not None:
+            return applied, True
         for _ in range(3):
             execution = await self.lookup(requester, execution_id)
             move = transition(cause, execution.state)
@@ -335,6 +338,39 @@ class BaseEndpoint:
                 self.notify(result.outbox)
             return result.execution, True
         raise StoreUnavailableError(f"execution {execution_id} keeps changing; try again")
+
+    async def _apply_directly(
+        self,
+        requester: str,
+        execution_id: str,
+        cause: Cause,
+        comment: str,
+        changes: dict[str, object] | None,
+    ) -> Execution | None:
+        """The common case in one store round trip: the owner and state checks happen in
+        the write itself. None when it does not apply (unknown, another's, a duplicate,
+        a conflict): the careful path then finds out which, and answers accordingly."""
+        move = single_move(cause)
+        if move is None:
+            return None
+        update = UpdateRequest(
+            execution_id=execution_id,
+            cause=cause,
+            new_state=move.target,
+            expected_states=move.sources,
+            owner=requester,
+            comment=comment,
+            requester=requester,
+            changes=dict(changes or {}),
+            callback=self.callbacks.for_kind(move.callback, err=comment, cause=cause.value),
+        )
+        try:
+            result = await self.store.update(update)
+        except (ExecutionNotFound, InvalidStateError, VersionMismatchError):
+            return None
+        if result.outbox is not None:
+            self.notify(result.outbox)
+        return result.execution
 
     async def _is_duplicate(self, execution: Execution, cause: Cause, requester: str) -> bool:
         if cause is Cause.CANCEL and execution.state is S.CANCELLED:

@@ -115,6 +115,13 @@ def transition(cause: Cause, current: ExecutionState) -> Transition | None:
     return _INDEX.get((cause, current))
 
 
+def single_move(cause: Cause) -> Transition | None:
+    """The move of ``cause`` when it does not depend on the current state (every cause
+    but Cancel), so it can be applied by one compare-and-set on its sources."""
+    moves = {t for t in TRANSITIONS if t.cause is cause}
+    return next(iter(moves)) if len(moves) == 1 else None
+
+
 def sources_of(cause: Cause) -> frozenset[ExecutionState]:
     """Every state from which ``cause`` may move an execution."""
     return frozenset(src for (c, src) in _INDEX if c is cause)

@@ -1120,3 +1120,23 @@ async def test_find_active_sees_executions_after_reopen(tmp_path: Path) -> None:
         assert await store.find_active(ex.requester, ex.job_id) is None
     finally:
         await store.close()
+
+
+async def test_update_with_an_owner_refuses_another_requesters_execution(
+    store: ExecutionStore,
+) -> None:
+    """An owned update of another requester's execution is 'not found' and changes
+    nothing; the owner's goes through."""
+    execution = await created(store)
+    request = UpdateRequest(
+        execution_id=execution.id,
+        cause=Cause.BID_ACCEPTED,
+        new_state=S.BID_ACCEPTED,
+        expected_states=frozenset({S.CREATED}),
+        owner="someone-else",
+    )
+    with pytest.raises(ExecutionNotFound):
+        await store.update(request)
+    assert (await store.get_execution(execution.id)).version == 1
+    request.owner = execution.requester
+    assert (await store.update(request)).execution.state is S.BID_ACCEPTED

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 
 from schemas.compute import ExecutionState
-from worker.errors import InvalidStateError, VersionMismatchError
+from worker.errors import ExecutionNotFound, InvalidStateError, VersionMismatchError
 from worker.states import TERMINAL, Cause
 from worker.store.types import Execution, HistoryEntry, OutboxRow, UpdateRequest
 
@@ -145,7 +145,10 @@ def creation_history(execution: Execution, comment: str) -> HistoryEntry:
 
 
 def check_update(current: Execution, request: UpdateRequest) -> None:
-    """Bacalhau's checks, in its order: expected state, expected version, terminal."""
+    """Bacalhau's checks, in its order: expected state, expected version, terminal —
+    after the owner check (another requester's execution is as good as unknown)."""
+    if request.owner and current.requester != request.owner:
+        raise ExecutionNotFound(current.id)
     if request.expected_states and current.state not in request.expected_states:
         raise invalid_state(current, request.expected_states)
     if request.expected_version != 0 and current.version != request.expected_version:

@@ -128,6 +128,7 @@ class UpdateRequest:
     requester: str = ""
     changes: dict[str, Any] = field(default_factory=dict)
     callback: CallbackBuilder | None = None
+    owner: str = ""  # when set, the execution must belong to this requester (else not found)
 
 
 @dataclass(slots=True)
