@@ -1,7 +1,7 @@
 """BaseEndpoint: the operations a requester calls (Bacalhau ``compute/endpoint.go``),
 with the duplicates, conflicts and races of PROTOCOL.md §5 settled.
 
-Checks run in the order of §3: validation (400, done by the codec and ``_check_routing``),
+Checks run in the order of §3: validation (400, done by the codec and ``check_routing``),
 lookup (404), then the transition table (409) and the store (503). A request that
 repeats one already applied — the history holds a row with the same Cause from the
 same requester — is answered like the first and changes nothing.
@@ -10,19 +10,13 @@ same requester — is answered like the first and changes nothing.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
-import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 from opentelemetry import trace
 from opentelemetry.trace import Tracer
 
-from schemas.codec import decode, encode
 from schemas.compute import (
-    AskForBidRequest,
-    AskForBidResponse,
     BidAcceptedRequest,
     BidRejectedRequest,
     CancelExecutionRequest,
@@ -36,8 +30,8 @@ from schemas.compute import (
 from schemas.compute import ExecutionState as S
 from schemas.node import ExecutionView
 from worker import views
+from worker.asking import BidMaking
 from worker.bidding.chain import Bidder
-from worker.bidding.types import BidRequest
 from worker.buffer import ExecutorBuffer
 from worker.callbacks import CallbackFactory
 from worker.capacity.pool import CapacityPool
@@ -53,23 +47,18 @@ from worker.errors import (
 from worker.metrics import NodeMetrics
 from worker.pricing import PriceList
 from worker.protocols import OutboxNotify
-from worker.states import Cause, single_move, transition
+from worker.states import Cause, Transition, single_move, transition
 from worker.store.types import Execution, ExecutionStore, UpdateRequest
 from worker.timers import Deadlines
 
 log = logging.getLogger(__name__)
 
-# The grace added to the bid TTL before an unanswered bid expires (PROTOCOL.md §5).
-BID_EXPIRY_GRACE = 2.0
 DEFAULT_PAGE = 100
 
 
-def spec_hash(request: AskForBidRequest) -> str:
-    return hashlib.sha256(encode(request.Job.Spec)).hexdigest()
-
-
-class BaseEndpoint:
-    """The six operations of Bacalhau's endpoint plus the two queries."""
+class BaseEndpoint(BidMaking):
+    """The six operations of Bacalhau's endpoint plus the two queries (AskForBid in
+    :class:`worker.asking.BidMaking`)."""
 
     def __init__(
         self,
@@ -112,118 +101,6 @@ class BaseEndpoint:
             )
         if target not in ("", self.node_id):
             raise RequestError(f"TargetPeerID {target!r} is not this node ({self.node_id})")
-
-    # -- AskForBid ----------------------------------------------------------------------
-    async def ask_for_bid(
-        self, request: AskForBidRequest, trace: dict[str, str]
-    ) -> AskForBidResponse:
-        started = time.monotonic()
-        try:
-            reply = await self._ask(request, trace)
-        finally:
-            self.metrics.bid_duration.record(time.monotonic() - started)
-        self.metrics.asks.add(1)
-        if reply.Accepted:
-            self.metrics.bids.add(1)
-        else:
-            self.metrics.decline(reply.Reason)
-        return reply
-
-    async def _ask(self, request: AskForBidRequest, trace: dict[str, str]) -> AskForBidResponse:
-        requester, job_id = request.SourcePeerID, request.Job.Metadata.ID
-        digest = spec_hash(request)
-        key = (requester, job_id)
-        while True:
-            if (busy := self._asking.get(key)) is not None:
-                # The same job is being asked for right now (a retry racing the first
-                # ask): wait for that one, then answer as a repeat of it.
-                await busy.wait()
-                continue
-            existing = await self.store.find_active(requester, job_id)
-            if existing is not None:
-                return self._repeat_ask(existing, digest)
-            if key not in self._asking:
-                break
-        self._asking[key] = done = asyncio.Event()
-        try:
-            return await self._bid(request, digest, trace)
-        finally:
-            del self._asking[key]
-            done.set()
-
-    def _repeat_ask(self, existing: Execution, digest: str) -> AskForBidResponse:
-        job_id = existing.job_id
-        if existing.state is S.CREATED:
-            if existing.spec_hash == digest:
-                return decode(existing.ask_reply, AskForBidResponse)
-            raise ConflictError(
-                f"job {job_id} already has execution {existing.id} with a different spec",
-                state=existing.state.value,
-                cause=existing.last_cause,
-            )
-        raise ConflictError(
-            f"job {job_id} already has execution {existing.id} in state {existing.state.value}",
-            state=existing.state.value,
-            cause=existing.last_cause,
-        )
-
-    async def _bid(
-        self, request: AskForBidRequest, digest: str, trace: dict[str, str]
-    ) -> AskForBidResponse:
-        job = request.Job
-        execution_id = f"e-{uuid.uuid4()}"
-        with self.tracer.start_as_current_span("bid strategies"):
-            decision, usage = await self.bidder.decide(
-                BidRequest(
-                    node_id=self.node_id,
-                    execution_id=execution_id,
-                    requester=request.SourcePeerID,
-                    job=job,
-                )
-            )
-        if not decision.bid or usage is None:
-            return self._decline(job.Metadata.ID, decision.reason, decision.retryable)
-        reply = AskForBidResponse(
-            ExecutionID=execution_id,
-            JobID=job.Metadata.ID,
-            Accepted=True,
-            NodeID=self.node_id,
-            BidTTLSeconds=self.bid_ttl,
-            EstimatedStartSeconds=self.buffer.estimate_start(usage),
-        )
-        if self.prices is not None:
-            timeout = job.Spec.Timeout or self.buffer.executor.default_timeout
-            reply.Price = self.prices.price(usage, timeout)
-        now = datetime.now(UTC)
-        deadline = now + timedelta(seconds=self.bid_ttl + BID_EXPIRY_GRACE)
-        execution = Execution(
-            id=execution_id,
-            job=job,
-            requester=request.SourcePeerID,
-            usage=usage,
-            create_time=now,
-            update_time=now,
-            spec_hash=digest,
-            ask_reply=encode(reply),
-            deadline=deadline,
-            ask_trace=trace,
-        )
-        try:
-            await self.store.create_execution(execution)
-        except StoreUnavailableError as exc:
-            self.pool.release(execution_id)
-            log.warning("declining %s: store unavailable: %s", job.Metadata.ID, exc.message)
-            return self._decline(job.Metadata.ID, "store unavailable", True)
-        except BaseException:
-            self.pool.release(execution_id)
-            raise
-        self.deadlines.schedule(execution_id, deadline)
-        return reply
-
-    def _decline(self, job_id: str, reason: str, retryable: bool) -> AskForBidResponse:
-        return AskForBidResponse(
-            JobID=job_id, Accepted=False, Reason=reason, NodeID=self.node_id, Retryable=retryable
-        )
 
     # -- the state-changing operations ----------------------------------------------------
     async def bid_accepted(
@@ -303,14 +180,25 @@ class BaseEndpoint:
         comment: str = "",
         changes: dict[str, object] | None = None,
     ) -> tuple[Execution, bool]:
-        """Apply ``cause`` by compare-and-set; (execution, False) for a duplicate."""
-        applied = await self._apply_directly(requester, execution_id, cause, comment, changes)
-        if applied is not None:
-            return applied, True
+        """Apply ``cause`` by compare-and-set; (execution, False) for a duplicate.
+
+        The common case is one store round trip: when the move does not depend on the
+        current state (every cause but Cancel), the write itself checks the owner and the
+        source states. Only when that fails, or for Cancel, does the careful path look the
+        execution up to answer a duplicate, a 404 or a 409."""
+        move = single_move(cause)
+        if move is not None:
+            direct = self._update(
+                execution_id, cause, move, requester, comment, changes, owner=requester
+            )
+            try:
+                return await self._commit(direct), True
+            except (ExecutionNotFound, InvalidStateError, VersionMismatchError):
+                pass
         for _ in range(3):
             execution = await self.lookup(requester, execution_id)
-            move = transition(cause, execution.state)
-            if move is None:
+            found = transition(cause, execution.state)
+            if found is None:
                 if await self._is_duplicate(execution, cause, requester):
                     return execution, False
                 raise ConflictError(
@@ -319,55 +207,40 @@ class BaseEndpoint:
                     state=execution.state.value,
                     cause=execution.last_cause,
                 )
-            update = UpdateRequest(
-                execution_id=execution_id,
-                cause=cause,
-                new_state=move.target,
-                expected_states=frozenset({execution.state}),
-                expected_version=execution.version,
-                comment=comment,
-                requester=requester,
-                changes=dict(changes or {}),
-                callback=self.callbacks.for_kind(move.callback, err=comment, cause=cause.value),
-            )
+            update = self._update(execution_id, cause, found, requester, comment, changes)
+            update.expected_states = frozenset({execution.state})
+            update.expected_version = execution.version
             try:
-                result = await self.store.update(update)
+                return await self._commit(update), True
             except (InvalidStateError, VersionMismatchError):
                 continue  # lost a race with another move: look again
-            if result.outbox is not None:
-                self.notify(result.outbox)
-            return result.execution, True
         raise StoreUnavailableError(f"execution {execution_id} keeps changing; try again")
 
-    async def _apply_directly(
+    def _update(
         self,
-        requester: str,
         execution_id: str,
         cause: Cause,
+        move: Transition,
+        requester: str,
         comment: str,
         changes: dict[str, object] | None,
-    ) -> Execution | None:
-        """The common case in one store round trip: the owner and state checks happen in
-        the write itself. None when it does not apply (unknown, another's, a duplicate,
-        a conflict): the careful path then finds out which, and answers accordingly."""
-        move = single_move(cause)
-        if move is None:
-            return None
-        update = UpdateRequest(
+        *,
+        owner: str = "",
+    ) -> UpdateRequest:
+        return UpdateRequest(
             execution_id=execution_id,
             cause=cause,
             new_state=move.target,
             expected_states=move.sources,
-            owner=requester,
+            owner=owner,
             comment=comment,
             requester=requester,
             changes=dict(changes or {}),
             callback=self.callbacks.for_kind(move.callback, err=comment, cause=cause.value),
         )
-        try:
-            result = await self.store.update(update)
-        except (ExecutionNotFound, InvalidStateError, VersionMismatchError):
-            return None
+
+    async def _commit(self, update: UpdateRequest) -> Execution:
+        result = await self.store.update(update)
         if result.outbox is not None:
             self.notify(result.outbox)
         return result.execution
