@@ -11,7 +11,6 @@ import asyncio
 import hashlib
 import logging
 import time
-import uuid
 from datetime import UTC, datetime, timedelta
 
 from opentelemetry.trace import Tracer
@@ -24,6 +23,7 @@ from worker.bidding.types import BidRequest
 from worker.buffer import ExecutorBuffer
 from worker.capacity.pool import CapacityPool
 from worker.errors import ConflictError, StoreUnavailableError
+from worker.ids import uuid4_text
 from worker.metrics import NodeMetrics
 from worker.pricing import PriceList
 from worker.store.types import Execution, ExecutionStore
@@ -111,7 +111,7 @@ class BidMaking:
         self, request: AskForBidRequest, digest: str, trace: dict[str, str]
     ) -> AskForBidResponse:
         job = request.Job
-        execution_id = f"e-{uuid.uuid4()}"
+        execution_id = f"e-{uuid4_text()}"
         with self.tracer.start_as_current_span("bid strategies"):
             decision, usage = await self.bidder.decide(
                 BidRequest(

@@ -150,17 +150,21 @@ class GuardedStore(SqliteStore):
         self.ballast = ballast
         self.unavailable_reason = ""  # why writes failed last; "" while they work
         self._full = False  # that reason was a full disk: only ``maintain`` clears it
+        # Whether the ballast was in place when last looked at: set by ``prepare``,
+        # ``maintain`` (every interval) and a release, so an ask costs no stat() call.
+        self._ballast_ok = ballast is None
 
     # -- health ---------------------------------------------------------------------------
     def available(self) -> bool:
         """Whether new work may be taken (the bidder's ``store_available``)."""
-        if self.unavailable_reason:
-            return False
-        return self.ballast is None or self.ballast.present
+        return not self.unavailable_reason and self._ballast_ok
 
     async def prepare(self) -> None:
         """Put the ballast in place (call once the data dir is locked)."""
-        if self.ballast is not None and not await asyncio.to_thread(self.ballast.ensure):
+        if self.ballast is None:
+            return
+        self._ballast_ok = await asyncio.to_thread(self.ballast.ensure)
+        if not self._ballast_ok:
             log.warning(
                 "no room for the %d-byte ballast in %s: new work is declined until there is",
                 self.ballast.size,
@@ -171,6 +175,8 @@ class GuardedStore(SqliteStore):
         """Forever: while unavailable, check whether the store can take writes again."""
         while True:
             await asyncio.sleep(interval)
+            if self.ballast is not None:
+                self._ballast_ok = self.ballast.present  # removed by hand, say
             if not self.available() and await self.writable():
                 log.info("execution store writable again: taking new work")
                 self.unavailable_reason = ""
@@ -179,7 +185,8 @@ class GuardedStore(SqliteStore):
     async def writable(self) -> bool:
         """Whether the store can take new work now (ballast in place, room, no lock)."""
         if self.ballast is not None:
-            if not await asyncio.to_thread(self.ballast.ensure):
+            self._ballast_ok = await asyncio.to_thread(self.ballast.ensure)
+            if not self._ballast_ok:
                 return False
             if free_bytes(self.ballast.path.parent) < self.ballast.size:
                 return False  # the ballast is back but the disk is as good as full
@@ -204,6 +211,7 @@ class GuardedStore(SqliteStore):
             self._full = self._full or full
             if not (spend_ballast and full and self.ballast is not None):
                 raise
+            self._ballast_ok = False
             if not await asyncio.to_thread(self.ballast.release):
                 raise
             log.warning(

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from typing import IO, Any
 
 from opentelemetry import context as otel_context
-from opentelemetry import propagate, trace
+from opentelemetry import trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import (
@@ -26,8 +26,13 @@ from opentelemetry.sdk.trace.export import (
     SpanExportResult,
 )
 from opentelemetry.trace import Link, NoOpTracer, Span, SpanKind, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 TRACE_KEYS = ("traceparent", "tracestate")
+
+# PROTOCOL.md §8 carries W3C trace context only: the W3C propagator itself, not the global
+# composite one (which also parses and writes ``baggage`` on every message).
+_W3C = TraceContextTextMapPropagator()
 
 
 class FileSpanExporter(SpanExporter):
@@ -84,7 +89,7 @@ def make_provider(*, node_id: str, otlp_endpoint: str = "") -> TracerProvider | 
 
 def extract(headers: Mapping[str, str] | None) -> otel_context.Context:
     """The W3C context carried by NATS headers."""
-    return propagate.extract(dict(headers or {}))
+    return _W3C.extract(headers or {})
 
 
 def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
@@ -96,7 +101,7 @@ def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
     """Add the current context to ``headers`` (a fresh dict per message)."""
-    propagate.inject(headers)
+    _W3C.inject(headers)
     return headers
 
 

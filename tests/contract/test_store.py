@@ -967,10 +967,9 @@ async def test_sqlite_sync_full(db_path: Path) -> None:
 
 async def test_sqlite_disk_full_is_unavailable(sqlite_store: SqliteStore) -> None:
     existing = await created(sqlite_store)
-    db = sqlite_store._db  # max_page_count is per connection: set it on the store's own
-    assert db is not None
+    # max_page_count is per connection: set it on the store's own writer connection
     pages = await sqlite_store.pragma("page_count")
-    await db.execute(f"PRAGMA max_page_count = {pages + 2}")
+    await _writer_pragma(sqlite_store, f"PRAGMA max_page_count = {pages + 2}")
     big = new_execution()
     big.job.Metadata.ClientID = "x" * 20_000  # several pages per row
     with pytest.raises(StoreUnavailableError, match="full"):
@@ -979,7 +978,7 @@ async def test_sqlite_disk_full_is_unavailable(sqlite_store: SqliteStore) -> Non
     with pytest.raises(ExecutionNotFound):
         await sqlite_store.get_execution(big.id)
     assert await sqlite_store.get_executions_for_job(existing.job_id) == [existing]
-    await db.execute("PRAGMA max_page_count = 1073741823")
+    await _writer_pragma(sqlite_store, "PRAGMA max_page_count = 1073741823")
     await sqlite_store.create_execution(big)
     assert (await sqlite_store.get_execution(big.id)).job.Metadata.ClientID == "x" * 20_000
     assert await sqlite_store.pragma("integrity_check") == "ok"
@@ -1021,6 +1020,11 @@ async def test_sqlite_not_a_database_is_a_store_error(tmp_path: Path) -> None:
         await store.open()
     assert not isinstance(info.value, StoreUnavailableError)
     await store.close()
+
+
+async def _writer_pragma(store: SqliteStore, sql: str) -> None:
+    """``sql`` on the store's writer connection (a per-connection pragma)."""
+    await store._run(lambda conn: conn.execute(sql))
 
 
 @pytest.fixture
@@ -1068,10 +1072,8 @@ async def test_sqlite_group_commit_answers_each_caller(
 async def test_sqlite_group_commit_disk_full(
     sqlite_store: SqliteStore, batch_sizes: list[int]
 ) -> None:
-    db = sqlite_store._db
-    assert db is not None
     pages = await sqlite_store.pragma("page_count")
-    await db.execute(f"PRAGMA max_page_count = {pages + 30}")
+    await _writer_pragma(sqlite_store, f"PRAGMA max_page_count = {pages + 30}")
     bigs = []
     for _ in range(40):
         big = new_execution()
@@ -1092,7 +1094,7 @@ async def test_sqlite_group_commit_disk_full(
             await sqlite_store.get_execution(b.id)
     assert await sqlite_store.count() == len(ok)
     assert await sqlite_store.pragma("integrity_check") == "ok"
-    await db.execute("PRAGMA max_page_count = 1073741823")
+    await _writer_pragma(sqlite_store, "PRAGMA max_page_count = 1073741823")
     await sqlite_store.create_execution(failed[0])  # space again: writes go through
     assert await sqlite_store.count() == len(ok) + 1
 

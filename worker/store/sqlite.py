@@ -1,18 +1,17 @@
 """ExecutionStore on SQLite through aiosqlite: WAL, one writer connection, migrations.
 
-Every operation is ONE plain function run in aiosqlite's connection thread with
-``Connection._execute`` (private API: pyproject pins aiosqlite <0.23), so each costs one
-thread hop; calls on the one connection run one after another and nothing awaits while a
-transaction is open.
+Every operation is ONE plain function of a connection. Writes run in the writer
+connection's own thread (``sqlite_thread.WriterThread``); queries on a second, read-only
+connection in aiosqlite's thread (``Connection._execute``, private API: pyproject pins
+aiosqlite <0.23), so that they never queue behind a write waiting out ``busy_timeout``.
+Nothing awaits while a transaction is open.
 
-Writes commit in groups. A write appends its operation to a queue and submits a *drain*;
-the first drain to run takes every queued operation (up to ``MAX_BATCH``) into one
-``BEGIN IMMEDIATE … COMMIT``, each operation inside its own SAVEPOINT, so one that fails
-(lost compare-and-set, unknown id, a builder that raises) is rolled back alone and its
-caller gets its own answer; later drains find the queue empty and return at once. A lone
-write is a plain transaction. Since a drain is queued after its operation and drains run
-in order, an operation is always done when its caller's drain returns. Idle, this is one
-commit per write; under load, one commit per batch (≈2× the writes/s).
+Writes commit in groups. A write appends its operation to the writer's queue; the thread
+takes every queued operation (up to ``MAX_BATCH``) into one ``BEGIN IMMEDIATE … COMMIT``,
+each operation inside its own SAVEPOINT, so one that fails (lost compare-and-set, unknown
+id, a builder that raises) is rolled back alone and its caller gets its own answer, and
+hands all their outcomes back to the loop at once. A lone write is a plain transaction.
+Idle, this is one commit per write; under load, one commit and one wake-up per batch.
 
 The rules themselves (Bacalhau's checks, the update, the cursor) are shared with
 ``MemoryStore`` (``worker.store.common``). Beside this module: ``migrate`` (opening the
@@ -27,7 +26,7 @@ import asyncio
 import contextlib
 import re
 import sqlite3
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -35,7 +34,7 @@ from typing import Any, Concatenate, Literal, ParamSpec, TypeVar
 
 import aiosqlite
 
-from worker.errors import StoreError, StoreUnavailableError
+from worker.errors import StoreUnavailableError
 from worker.states import TERMINAL
 from worker.store import sqlite_ops as ops
 from worker.store.common import (
@@ -56,8 +55,9 @@ from worker.store.sqlite_rows import (
     outbox_row,
     store_error,
 )
-from worker.store.sqlite_writer import Write, transaction
-from worker.store.sqlite_writer import group as _group  # looked up per drain: tests spy on it
+from worker.store.sqlite_thread import MAX_BATCH, WriterThread
+from worker.store.sqlite_writer import Write
+from worker.store.sqlite_writer import group as _group  # looked up per batch: tests spy on it
 from worker.store.types import (
     Execution,
     HistoryEntry,
@@ -95,26 +95,11 @@ async def _in_thread(
     return result
 
 
-# --- group commit ------------------------------------------------------------------------
-
-MAX_BATCH = 256
 CHECKPOINT_INTERVAL = 0.5  # seconds between PASSIVE WAL checkpoints
 
 
-def _drain(conn: sqlite3.Connection, queue: deque[Write]) -> None:
-    """Run every queued write (up to MAX_BATCH) in one transaction. Never raises: each
-    write's outcome goes to its own ``Write``."""
-    batch: list[Write] = []
-    while queue and len(batch) < MAX_BATCH:
-        batch.append(queue.popleft())
-    if len(batch) == 1:
-        write = batch[0]
-        try:
-            write.result = transaction(conn, write.op)
-        except BaseException as exc:
-            write.error = exc
-    elif batch:
-        _group(conn, batch)
+def _group_now(conn: sqlite3.Connection, batch: list[Write]) -> None:
+    _group(conn, batch)  # the module's name at call time (tests replace it)
 
 
 def _setup_reader(conn: sqlite3.Connection, busy_ms: int) -> None:
@@ -145,12 +130,11 @@ class SqliteStore:
         self._sync = sync
         self._busy_ms = round(busy_timeout * 1000)
         self._clock = clock
-        self._db: aiosqlite.Connection | None = None
+        self._db: WriterThread | None = None
         # Queries have a connection of their own: in WAL they never wait for a lock, so
         # they must not queue in the writer's thread behind a write waiting out busy_timeout.
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
-        self._queue: deque[Write] = deque()  # appended here, taken in the connection thread
         # Live executions per (requester, job): a new job's ask (the common case) learns
         # that it has none without a thread hop. It may over-count for a moment (then the
         # query answers), never under-count: +1 before a create, -1 once a move is terminal.
@@ -164,19 +148,13 @@ class SqliteStore:
         if self._db is not None:
             return
         scripts = migrations()
-        db = aiosqlite.connect(self._path, isolation_level=None)
+        db = WriterThread(self._path, asyncio.get_running_loop(), group=_group_now)
         try:
+            await db.start()
             try:
-                await db
+                await db.call(setup, self._sync, self._busy_ms, scripts)
             except BaseException:
-                # aiosqlite stops its thread on a failed connect without waiting for it;
-                # wait here, or it may report to a loop that has closed meanwhile.
-                await asyncio.to_thread(db._thread.join, 10)
-                raise
-            try:
-                await _in_thread(db, setup, self._sync, self._busy_ms, scripts)
-            except BaseException:
-                await db.close()
+                await db.stop()
                 raise
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
@@ -213,11 +191,11 @@ class SqliteStore:
         if db is None:
             return
         try:
-            await _in_thread(db, ops.optimize)
+            await db.call(ops.optimize)
         except sqlite3.Error:
             pass  # closing matters more than the planner statistics
         finally:
-            await db.close()
+            await db.stop()
 
     async def pragma(self, name: str) -> Any:
         """The value of ``PRAGMA name`` on the store's connection (diagnostics and tests:
@@ -233,12 +211,13 @@ class SqliteStore:
         *args: P.args,
         **kwargs: P.kwargs,
     ) -> T:
-        """One hop to the connection thread: ``fn(conn, *args, **kwargs)`` runs there."""
+        """``fn(conn, *args, **kwargs)`` in the writer's thread, alone, outside any
+        transaction (set-up, pragmas, diagnostics)."""
         db = self._db
         if db is None:
             raise StoreUnavailableError("execution store is not open")
         try:
-            return await _in_thread(db, fn, *args, **kwargs)
+            return await db.call(lambda conn: fn(conn, *args, **kwargs))
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
 
@@ -249,11 +228,11 @@ class SqliteStore:
         **kwargs: P.kwargs,
     ) -> T:
         """A query, on the reader connection (the writer's before open() made one)."""
-        db = self._reader or self._db
-        if db is None:
-            raise StoreUnavailableError("execution store is not open")
+        reader = self._reader
+        if reader is None:
+            return await self._run(fn, *args, **kwargs)
         try:
-            return await _in_thread(db, fn, *args, **kwargs)
+            return await _in_thread(reader, fn, *args, **kwargs)
         except sqlite3.Error as exc:
             raise store_error(exc) from exc
 
@@ -268,20 +247,13 @@ class SqliteStore:
         def op(conn: sqlite3.Connection) -> T:
             return fn(conn, *args, **kwargs)
 
-        write = Write(op)
-        self._queue.append(write)
+        db = self._db
+        if db is None:
+            raise StoreUnavailableError("execution store is not open")
         try:
-            await self._run(_drain, self._queue)
-        except StoreError:
-            with contextlib.suppress(ValueError):  # not taken by another drain: drop it
-                self._queue.remove(write)
-            raise
-        if write.error is not None:
-            if isinstance(write.error, sqlite3.Error):
-                raise store_error(write.error) from write.error
-            raise write.error
-        result: T = write.result
-        return result
+            return await db.write(op)
+        except sqlite3.Error as exc:
+            raise store_error(exc) from exc
 
     async def create_execution(self, execution: Execution, *, comment: str = "") -> Execution:
         key = (execution.requester, execution.job_id)
