@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import shutil
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -234,7 +233,7 @@ class BaseExecutor:
             with self.tracer.start_as_current_span(f"engine run {engine.name}"):
                 outcome = await engine.run(request)
         finally:
-            shutil.rmtree(work, ignore_errors=True)
+            results.discard(work)
         try:
             with self.tracer.start_as_current_span(f"verify {verifier.name}"):
                 proposal = await verifier.proposal(execution, folder)

@@ -34,16 +34,18 @@ def clock() -> ManualClock:
     return ManualClock()
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "sqlite-full"])
 async def store(
     request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
 ) -> AsyncIterator[ExecutionStore]:
-    """An opened store of each kind (SQLite on a file in tmp_path), closed afterwards."""
+    """An opened store of each kind (SQLite on a file in tmp_path), closed afterwards.
+    ``sqlite`` writes on the event loop (sync=normal), ``sqlite-full`` in its own thread."""
     s: ExecutionStore
     if request.param == "memory":
         s = MemoryStore(clock=clock)
     else:
-        s = SqliteStore(tmp_path / "executions.db", clock=clock)
+        sync = "full" if request.param == "sqlite-full" else "normal"
+        s = SqliteStore(tmp_path / "executions.db", clock=clock, sync=sync)
     await s.open()
     try:
         yield s
@@ -56,11 +58,14 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "node" / "executions.db"
 
 
-@pytest.fixture
-async def sqlite_store(db_path: Path, clock: ManualClock) -> AsyncIterator[SqliteStore]:
-    """An opened SqliteStore for the SQLite-only tests."""
+@pytest.fixture(params=["normal", "full"])
+async def sqlite_store(
+    request: pytest.FixtureRequest, db_path: Path, clock: ManualClock
+) -> AsyncIterator[SqliteStore]:
+    """An opened SqliteStore for the SQLite-only tests, with each writer (sync=normal:
+    on the loop; sync=full: in a thread)."""
     db_path.parent.mkdir(parents=True, exist_ok=True)
-    s = SqliteStore(db_path, clock=clock)
+    s = SqliteStore(db_path, clock=clock, sync=request.param)
     await s.open()
     try:
         yield s

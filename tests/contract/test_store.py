@@ -946,9 +946,15 @@ async def test_sqlite_pragmas_and_integrity(sqlite_store: SqliteStore) -> None:
     assert await sqlite_store.pragma("integrity_check") == "ok"
     assert await sqlite_store.pragma("foreign_key_check") is None
     assert await sqlite_store.pragma("journal_mode") == "wal"
-    assert await sqlite_store.pragma("synchronous") == 1
     assert await sqlite_store.pragma("foreign_keys") == 1
-    assert await sqlite_store.pragma("busy_timeout") == 5000
+    if sqlite_store._sync == "normal":
+        assert await sqlite_store.pragma("synchronous") == 1
+        # Writes on the loop: the connection never waits on a lock itself, the store
+        # retries a busy BEGIN from a timer for its busy timeout (5 s by default).
+        assert await sqlite_store.pragma("busy_timeout") == 0
+    else:
+        assert await sqlite_store.pragma("synchronous") == 2
+        assert await sqlite_store.pragma("busy_timeout") == 5000  # its thread waits
     with pytest.raises(ValueError):
         await sqlite_store.pragma("user_version = 3")
 
@@ -959,6 +965,10 @@ async def test_sqlite_sync_full(db_path: Path) -> None:
     await store.open()
     try:
         assert await store.pragma("synchronous") == 2
+        assert await store.pragma("busy_timeout") == 5000  # its own thread waits
+        e = await created(store)
+        await move(store, e.id, S.CANCELLED, callback=builder())
+        assert (await store.get_execution(e.id)).state is S.CANCELLED
     finally:
         await store.close()
     with pytest.raises(ValueError):
@@ -1001,6 +1011,32 @@ async def test_sqlite_locked_is_unavailable(db_path: Path) -> None:
             other.close()
         result = await move(store, execution.id, S.BID_ACCEPTED)
         assert result.execution.version == 2
+    finally:
+        await store.close()
+
+
+async def test_sqlite_write_waits_for_a_lock_without_blocking_the_loop(db_path: Path) -> None:
+    """sync=normal commits on the event loop; a lock held by another process must not
+    stall the loop for the busy timeout: the write waits from a timer and then commits."""
+    db_path.parent.mkdir(parents=True)
+    store = SqliteStore(db_path, busy_timeout=30)
+    await store.open()
+    try:
+        execution = await created(store)
+        other = sqlite3.connect(db_path, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            waiting = asyncio.create_task(move(store, execution.id, S.BID_ACCEPTED))
+            for _ in range(20):  # the loop keeps turning while the write waits
+                await asyncio.sleep(0.01)
+            assert not waiting.done()
+            assert await store.get_execution(execution.id) == execution
+            other.execute("ROLLBACK")
+        finally:
+            other.close()
+        result = await asyncio.wait_for(waiting, timeout=10)
+        assert result.execution.version == 2
+        assert (await store.get_history(execution.id))[-1].new_state is S.BID_ACCEPTED
     finally:
         await store.close()
 

@@ -47,6 +47,7 @@ from worker.store.common import (
     validate_changes,
 )
 from worker.store.migrate import migrations, setup, split_statements
+from worker.store.sqlite_inline import InlineWriter
 from worker.store.sqlite_rows import (
     LIVE,
     OUTBOX_COLUMNS,
@@ -57,7 +58,7 @@ from worker.store.sqlite_rows import (
 )
 from worker.store.sqlite_thread import MAX_BATCH, WriterThread
 from worker.store.sqlite_writer import Write
-from worker.store.sqlite_writer import group as _group  # looked up per batch: tests spy on it
+from worker.store.sqlite_writer import group_begun as _group  # looked up per batch: tests spy
 from worker.store.types import (
     Execution,
     HistoryEntry,
@@ -130,7 +131,7 @@ class SqliteStore:
         self._sync = sync
         self._busy_ms = round(busy_timeout * 1000)
         self._clock = clock
-        self._db: WriterThread | None = None
+        self._db: WriterThread | InlineWriter | None = None
         # Queries have a connection of their own: in WAL they never wait for a lock, so
         # they must not queue in the writer's thread behind a write waiting out busy_timeout.
         self._reader: aiosqlite.Connection | None = None
@@ -148,11 +149,17 @@ class SqliteStore:
         if self._db is not None:
             return
         scripts = migrations()
-        db = WriterThread(self._path, asyncio.get_running_loop(), group=_group_now)
+        loop = asyncio.get_running_loop()
+        db: WriterThread | InlineWriter
+        if self._sync == "normal":
+            db = InlineWriter(self._path, loop, busy_timeout=self._busy_ms / 1000, group=_group_now)
+        else:
+            db = WriterThread(self._path, loop, group=_group_now)
         try:
             await db.start()
             try:
                 await db.call(setup, self._sync, self._busy_ms, scripts)
+                await db.ready()
             except BaseException:
                 await db.stop()
                 raise

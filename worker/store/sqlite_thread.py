@@ -25,8 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from worker.store.sqlite_writer import Write, transaction
-from worker.store.sqlite_writer import group as _group_default
+from worker.store.sqlite_writer import Write, group_begun
 
 log = logging.getLogger(__name__)
 
@@ -34,10 +33,10 @@ T = TypeVar("T")
 
 MAX_BATCH = 256
 
-__all__ = ["MAX_BATCH", "WriterThread"]
+__all__ = ["MAX_BATCH", "Job", "WriterThread", "complete"]
 
 
-class _Job(Write):
+class Job(Write):
     """A write (grouped, in a transaction) or a call (alone, no transaction)."""
 
     __slots__ = ("future", "raw")
@@ -53,7 +52,7 @@ class _Job(Write):
 _STOP = object()
 
 
-def _complete(batch: list[_Job]) -> None:
+def complete(batch: list[Job]) -> None:
     """On the loop: every job's outcome to its caller (one callback per batch)."""
     for job in batch:
         future = job.future
@@ -77,8 +76,8 @@ class WriterThread:
     ) -> None:
         self._path = path
         self._loop = loop
-        self._group = group  # None: ``sqlite_writer.group`` (looked up per batch for tests)
-        self._queue: deque[_Job | object] = deque()
+        self._group = group or group_begun  # runs a batch once BEGIN is done
+        self._queue: deque[Job | object] = deque()
         self._wake = threading.Event()
         self._conn: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._main, name="store-writer", daemon=True)
@@ -86,6 +85,9 @@ class WriterThread:
         self.batches = 0  # committed groups (diagnostics)
 
     # -- the loop's side ------------------------------------------------------------------
+    async def ready(self) -> None:
+        """After set-up (nothing to change: this thread may wait out the busy timeout)."""
+
     async def start(self) -> None:
         """Open the connection in the thread; raises what ``sqlite3.connect`` raised."""
         self._thread.start()
@@ -104,7 +106,7 @@ class WriterThread:
         if self._stopped:
             raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
         future = self._loop.create_future()
-        self._queue.append(_Job(op, future, raw))
+        self._queue.append(Job(op, future, raw))
         self._wake.set()
         return future
 
@@ -140,46 +142,44 @@ class WriterThread:
                     queue.popleft()
                     self._close()
                     return
-                batch: list[_Job] = []
-                if isinstance(head, _Job) and head.raw:
+                batch: list[Job] = []
+                if isinstance(head, Job) and head.raw:
                     batch.append(queue.popleft())  # type: ignore[arg-type]
                     self._run_call(batch[0])
                 else:
                     while queue and len(batch) < MAX_BATCH:
                         job = queue[0]
-                        if job is _STOP or (isinstance(job, _Job) and job.raw):
+                        if job is _STOP or (isinstance(job, Job) and job.raw):
                             break
                         batch.append(queue.popleft())  # type: ignore[arg-type]
                     self._run_writes(batch)
                 self._hand_back(batch)
 
-    def _run_call(self, job: _Job) -> None:
+    def _run_call(self, job: Job) -> None:
         try:
             job.result = job.op(self._conn)  # type: ignore[arg-type]
         except BaseException as exc:
             job.error = exc
 
-    def _run_writes(self, batch: list[_Job]) -> None:
+    def _run_writes(self, batch: list[Job]) -> None:
         conn = self._conn
         if conn is None:
             error = sqlite3.ProgrammingError("the store's connection is not open")
             for job in batch:
                 job.error = error
             return
-        if len(batch) == 1:
-            job = batch[0]
-            try:
-                job.result = transaction(conn, job.op)
-            except BaseException as exc:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except BaseException as exc:  # locked, full, I/O: nothing ran
+            for job in batch:
                 job.error = exc
             return
-        group = self._group or _group_default
-        group(conn, batch)  # type: ignore[arg-type]
-        self.batches += 1
+        self._group(conn, batch)
+        self.batches += len(batch) > 1
 
-    def _hand_back(self, batch: list[_Job]) -> None:
+    def _hand_back(self, batch: list[Job]) -> None:
         try:
-            self._loop.call_soon_threadsafe(_complete, batch)
+            self._loop.call_soon_threadsafe(complete, batch)
         except RuntimeError:  # the loop has closed: nobody is waiting any more
             log.debug("store writer: loop closed, %d outcomes dropped", len(batch))
 
