@@ -18,6 +18,7 @@ from opentelemetry.trace import Tracer
 from schemas.codec import decode, encode
 from schemas.compute import AskForBidRequest, AskForBidResponse
 from schemas.compute import ExecutionState as S
+from worker import telemetry
 from worker.bidding.chain import Bidder
 from worker.bidding.types import BidRequest
 from worker.buffer import ExecutorBuffer
@@ -112,7 +113,7 @@ class BidMaking:
     ) -> AskForBidResponse:
         job = request.Job
         execution_id = f"e-{uuid4_text()}"
-        with self.tracer.start_as_current_span("bid strategies"):
+        with telemetry.child_span(self.tracer, "bid strategies"):
             decision, usage = await self.bidder.decide(
                 BidRequest(
                     node_id=self.node_id,

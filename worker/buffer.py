@@ -100,6 +100,8 @@ class ExecutorBuffer:
 
     def _queue_span(self, item: _Queued) -> None:
         """A span covering the time the execution waited in the queue."""
+        if not telemetry.recording(self.executor.tracer):
+            return
         execution = item.execution
         span = self.executor.tracer.start_span(
             "queue wait",

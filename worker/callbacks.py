@@ -6,8 +6,6 @@ a restart is byte-identical and carries the same ``Nats-Msg-Id``.
 
 from __future__ import annotations
 
-from opentelemetry import context as otel_context
-
 from schemas.callbacks import (
     CallbackKind,
     CancelResult,
@@ -35,14 +33,10 @@ class CallbackFactory:
         self, execution: Execution, seq: int, kind: CallbackKind, body: bytes
     ) -> OutboxMessage:
         headers = {"Nats-Msg-Id": f"{execution.id}:{seq}"}
-        parent = execution.trace or execution.ask_trace
-        if parent:
-            # Continue the trace of the BidAccepted request: its context is the parent.
-            token = otel_context.attach(telemetry.extract(parent))
-            try:
-                telemetry.inject(headers)
-            finally:
-                otel_context.detach(token)
+        # Continue the trace of the BidAccepted request: its context is the parent. The
+        # stored headers were written by ``telemetry.inject`` (valid, normalised W3C), so
+        # they are copied as they are; extracting and injecting them gives the same bytes.
+        headers.update(telemetry.trace_headers(execution.trace or execution.ask_trace))
         subject = self.subjects.callback(execution.requester, kind)
         link = execution.ask_trace if execution.trace and execution.ask_trace else {}
         return OutboxMessage(

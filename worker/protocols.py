@@ -77,6 +77,9 @@ class Engine(Protocol):
     """Runs a job's program; raises ``worker.errors.EngineError`` when it could not run it."""
 
     name: str
+    # Whether ``run`` uses ``request.work_dir`` as scratch space. When False (and the job
+    # has no inputs, which are fetched below it) the folder is not made at all.
+    scratch: bool
 
     def is_installed(self) -> bool:
         """Whether this engine can run jobs on this host."""

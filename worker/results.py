@@ -38,6 +38,8 @@ def discard(path: Path) -> None:
     """Remove a folder: one rmdir when it is empty (the usual work folder), else rmtree."""
     try:
         os.rmdir(path)
+    except FileNotFoundError:
+        pass
     except OSError:
         shutil.rmtree(path, ignore_errors=True)
 

@@ -8,6 +8,7 @@ Setup lives only here; everything else takes a ``Tracer``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
@@ -33,6 +34,22 @@ TRACE_KEYS = ("traceparent", "tracestate")
 # PROTOCOL.md §8 carries W3C trace context only: the W3C propagator itself, not the global
 # composite one (which also parses and writes ``baggage`` on every message).
 _W3C = TraceContextTextMapPropagator()
+
+# What a span helper returns when no span would be recorded: entering it costs nothing
+# (a no-op tracer's span still extracts its parent and swaps the current context).
+NOTHING: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+def recording(tracer: Tracer) -> bool:
+    """Whether ``tracer`` records spans (``make_provider`` gave None: it does not)."""
+    return not isinstance(tracer, NoOpTracer)
+
+
+def child_span(tracer: Tracer, name: str) -> Any:
+    """A span under the current one, or ``NOTHING`` when spans are not recorded."""
+    if isinstance(tracer, NoOpTracer):
+        return NOTHING
+    return tracer.start_as_current_span(name)
 
 
 class FileSpanExporter(SpanExporter):
@@ -142,6 +159,8 @@ def producer_span(
     attributes: dict[str, Any],
 ) -> Any:
     """A PRODUCER span for a callback, continuing ``parent``'s trace, linked to ``link``."""
+    if isinstance(tracer, NoOpTracer):
+        return NOTHING  # the callback's headers already carry its trace context
     parent_ctx = extract(parent)
     links = []
     if link:

@@ -68,6 +68,7 @@ class DockerEngine:
     """Runs Docker jobs on one daemon; one short-lived API client per operation."""
 
     name = "Docker"
+    scratch = False  # inputs are fetched under work_dir and bind-mounted; nothing else
 
     def __init__(
         self,

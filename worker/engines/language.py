@@ -123,6 +123,7 @@ class LanguageEngine:
     """Runs ``Engine: Language`` jobs; the constructor only stores settings."""
 
     name = "Language"
+    scratch = True
 
     def __init__(
         self,

@@ -20,6 +20,7 @@ JobHandler = Callable[[Execution, Path], Awaitable[None]]
 
 class NoopEngine:
     name = "Noop"
+    scratch = False
 
     def __init__(self, *, handler: JobHandler | None = None) -> None:
         self.handler = handler

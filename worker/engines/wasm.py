@@ -66,6 +66,7 @@ class WasmEngine:
     """Runs ``Engine: Wasm`` jobs; the constructor only stores settings."""
 
     name = "Wasm"
+    scratch = True
 
     def __init__(self, *, python: str | None = None, kill_grace: float = 2.0) -> None:
         # The interpreter of the child (it must be able to import wasmtime and worker).
