@@ -11,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import IO, Any
 
 from opentelemetry import context as otel_context
@@ -26,8 +28,9 @@ from opentelemetry.sdk.trace.export import (
     SpanExporter,
     SpanExportResult,
 )
-from opentelemetry.trace import Link, NoOpTracer, Span, SpanKind, Tracer
+from opentelemetry.trace import INVALID_SPAN, Link, NoOpTracer, Span, SpanKind, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from opentelemetry.trace.span import _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH, TraceState
 
 TRACE_KEYS = ("traceparent", "tracestate")
 
@@ -118,18 +121,60 @@ def trace_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
 
 def inject(headers: dict[str, str]) -> dict[str, str]:
     """Add the current context to ``headers`` (a fresh dict per message)."""
-    _W3C.inject(headers)
+    passed = _passed.get()
+    if passed is not None:
+        headers.update(passed)
+    else:
+        _W3C.inject(headers)
     return headers
+
+
+# The W3C propagator's own check of a traceparent (opentelemetry TraceContextTextMapPropagator).
+_TRACEPARENT = re.compile(
+    "^[ \t]*([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(?:(-.*)|[ \t]*)$"
+)
+_TRACEPARENT_MAX = 512
+_ZERO_TRACE, _ZERO_SPAN = "0" * 32, "0" * 16
+
+# With no spans recorded, a request's context is only passed on: the headers that
+# ``inject`` would write for it, made once per request (see ``w3c_headers``).
+_passed: ContextVar[dict[str, str] | None] = ContextVar("worker_trace_passed", default=None)
+
+
+def w3c_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
+    """The trace headers ``inject`` writes after ``extract(headers)`` is made current, without
+    building the context: the same checks as the W3C propagator (a malformed, all-zero or
+    version-ff traceparent carries nothing; the version is written as 00), and the
+    tracestate through OpenTelemetry's own ``TraceState`` when there is one."""
+    if not headers:
+        return {}
+    parent = headers.get("traceparent")
+    if not parent or len(parent) > _TRACEPARENT_MAX:
+        return {}
+    match = _TRACEPARENT.search(parent)
+    if match is None:
+        return {}
+    version, trace_id, span_id, flags, rest = match.groups()
+    if trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN or version == "ff":
+        return {}
+    if version == "00" and rest:
+        return {}
+    out = {"traceparent": f"00-{trace_id}-{span_id}-{flags}"}
+    state = headers.get("tracestate")
+    if state is not None and len(state) <= _TRACECONTEXT_MAXIMUM_TRACESTATE_LENGTH:
+        parsed = TraceState.from_header([state])
+        if parsed:
+            out["tracestate"] = parsed.to_header()
+    return out
 
 
 @contextmanager
 def _propagate_only(headers: Mapping[str, str] | None) -> Iterator[Span]:
-    ctx = extract(headers)
-    token = otel_context.attach(ctx)
+    token = _passed.set(w3c_headers(headers))
     try:
-        yield trace.get_current_span(ctx)
+        yield INVALID_SPAN
     finally:
-        otel_context.detach(token)
+        _passed.reset(token)
 
 
 def consumer_span(

@@ -138,11 +138,27 @@ def parse_gpu(value: Number, *, field: str = "GPU") -> int:
     return count
 
 
+_PARSED_MAX = 1024
+_parsed: dict[tuple[str, str, str, str], ResourceUsage] = {}
+
+
 def parse_resources(config: ResourcesConfig) -> ResourceUsage:
-    """A job's ``Resources`` strings as amounts; unset fields are 0 (defaults come later)."""
-    return ResourceUsage(
+    """A job's ``Resources`` strings as amounts; unset fields are 0 (defaults come later).
+
+    Jobs repeat a handful of requests (``"100m"``, ``"64Mi"``…): the answers for the last
+    ``_PARSED_MAX`` distinct ones are kept (``ResourceUsage`` is frozen); errors are not.
+    """
+    key = (config.CPU, config.Memory, config.Disk, config.GPU)
+    found = _parsed.get(key)
+    if found is not None:
+        return found
+    usage = ResourceUsage(
         CPU=parse_cpu(config.CPU, field="CPU"),
         Memory=parse_bytes(config.Memory, field="Memory"),
         Disk=parse_bytes(config.Disk, field="Disk"),
         GPU=parse_gpu(config.GPU, field="GPU"),
     )
+    if len(_parsed) >= _PARSED_MAX:
+        _parsed.clear()
+    _parsed[key] = usage
+    return usage

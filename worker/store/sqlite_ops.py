@@ -13,7 +13,12 @@ from datetime import datetime
 from typing import Any
 
 from schemas.compute import ExecutionState
-from worker.errors import AlreadyExistsError, ExecutionNotFound
+from worker.errors import (
+    AlreadyExistsError,
+    ExecutionNotFound,
+    InvalidStateError,
+    VersionMismatchError,
+)
 from worker.store.common import (
     apply_update,
     creation_history,
@@ -58,16 +63,25 @@ __all__ = [
 
 
 def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> Execution:
-    if conn.execute("SELECT 1 FROM executions WHERE id = ?", (execution.id,)).fetchone():
-        raise AlreadyExistsError(f"execution already exists: {execution.id}")
-    validate_new(execution)
+    try:
+        validate_new(execution)
+    except (InvalidStateError, VersionMismatchError):
+        # A taken ID is reported first, as Bacalhau's store does (and as a query would).
+        if conn.execute("SELECT 1 FROM executions WHERE id = ?", (execution.id,)).fetchone():
+            raise AlreadyExistsError(f"execution already exists: {execution.id}") from None
+        raise
     stored = normalize(execution)
-    conn.execute(
-        "INSERT INTO executions (job_id, requester, state, version, update_us, deadline_us,"
-        " last_cause, doc, id, create_us, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
-        " (SELECT IFNULL(MAX(ord), 0) + 1 FROM executions))",
-        (*execution_params(stored), to_us(stored.create_time)),
-    )
+    try:
+        conn.execute(
+            "INSERT INTO executions (job_id, requester, state, version, update_us, deadline_us,"
+            " last_cause, doc, id, create_us, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?,"
+            " (SELECT IFNULL(MAX(ord), 0) + 1 FROM executions))",
+            (*execution_params(stored), to_us(stored.create_time)),
+        )
+    except sqlite3.IntegrityError as exc:  # one statement fewer than asking first
+        if "executions.id" in str(exc):
+            raise AlreadyExistsError(f"execution already exists: {execution.id}") from None
+        raise
     insert_history(conn, creation_history(stored, comment))
     return stored
 
