@@ -75,8 +75,9 @@ def read_head(path: Path) -> bytes:
 
 
 def write_results(folder: Path, *, stdout: bytes, stderr: bytes, exit_code: int) -> None:
+    base = os.fspath(folder)
     for name, data in (("stdout", stdout), ("stderr", stderr), ("exitCode", b"%d" % exit_code)):
-        fd = os.open(folder / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = os.open(os.path.join(base, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         try:
             view = memoryview(data)
             while view:

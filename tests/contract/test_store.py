@@ -430,6 +430,8 @@ async def test_changes_applied(store: ExecutionStore) -> None:
         {"state": S.RUNNING},
         {"version": 7},
         {"next_seq": 9},
+        {"requester": "someone-else"},
+        {"job": new_execution().job},
         {"deadline": "not a time"},
         {"trace": ["not", "a", "dict"]},
     ],

@@ -26,10 +26,13 @@ Clock = Callable[[], datetime]
 CREATED_COMMENT = "Execution created"  # Bacalhau inmemory/store.go
 MAX_CURSOR_LENGTH = 512
 
-# Fields only the store writes: ``changes`` may not touch them.
+# Fields only the store writes, and those fixed at creation (the job and its requester:
+# the SQLite store copies them into indexed columns once): ``changes`` may not touch them.
 MANAGED_FIELDS = frozenset(
     {
         "id",
+        "job",
+        "requester",
         "state",
         "version",
         "create_time",

@@ -67,6 +67,7 @@ class InlineWriter:
         self._busy_since: float | None = None
         self._busy_tries = 0
         self._calls = 0  # calls running in a thread: the connection is theirs meanwhile
+        self._idle = True  # writes come one at a time: commit each at once (``write``)
         self._call_lock = asyncio.Lock()
         self._stopped = False
         self.batches = 0
@@ -104,8 +105,19 @@ class InlineWriter:
             raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
         future: asyncio.Future[T] = self._loop.create_future()
         self._pending.append(Job(op, future, False))
-        self._schedule()
+        if self._idle and not self._scheduled and not self._calls and self._busy_since is None:
+            # Nothing else is being written: commit now, in this turn, and the caller
+            # goes on without waiting for the loop (the bid round trip at rest). A
+            # second write in this turn ends this until the writes come one by one again.
+            self._idle = False
+            self._loop.call_soon(self._turn_over)
+            self._flush(now=True)
+        else:
+            self._schedule()
         return await future
+
+    def _turn_over(self) -> None:
+        self._idle = not self._scheduled and not self._pending
 
     async def stop(self) -> None:
         if self._stopped:
@@ -129,7 +141,7 @@ class InlineWriter:
         else:
             self._loop.call_soon(self._flush)
 
-    def _flush(self, final: bool = False) -> None:
+    def _flush(self, final: bool = False, now: bool = False) -> None:
         self._scheduled = False
         if (self._calls and not final) or not self._pending:
             return  # a call holds the connection; its end schedules this again
@@ -150,6 +162,8 @@ class InlineWriter:
             self._group(conn, batch)
             self.batches += len(batch) > 1
             complete(batch)
+            if len(batch) == 1 and not self._pending and not now:
+                self._idle = True  # a deferred group of one: the writes are sparse again
         if self._pending:
             if final:
                 self._flush(final=True)

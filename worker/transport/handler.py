@@ -85,6 +85,7 @@ class RequestHandler:
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
         self._base_headers = {"Compute-Node-ID": self.node_id, "Compute-Instance-ID": instance_id}
+        self._recording = telemetry.recording(tracer)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -136,13 +137,17 @@ class RequestHandler:
     async def handle(self, msg: Msg) -> None:
         """Answer one request; every failure becomes an error reply."""
         parsed = self.subjects.parse(msg.subject)
-        template = _template(self.subjects, parsed)
-        attributes = {
-            "messaging.destination.name": msg.subject,
-            "messaging.destination.template": template,
-            "node.id": self.node_id,
-        }
-        with telemetry.consumer_span(self.tracer, template, msg.headers, attributes) as span:
+        if self._recording:
+            template = _template(self.subjects, parsed)
+            attributes = {
+                "messaging.destination.name": msg.subject,
+                "messaging.destination.template": template,
+                "node.id": self.node_id,
+            }
+            span_cm = telemetry.consumer_span(self.tracer, template, msg.headers, attributes)
+        else:  # no span: the request's context is only passed on
+            span_cm = telemetry.consumer_span(self.tracer, "", msg.headers, {})
+        with span_cm as span:
             try:
                 reply = await self._dispatch(msg, parsed)
             except DecodeError as exc:

@@ -82,8 +82,8 @@ class Subjects:
         if len(parts) != 3:
             return RequestSubject(node="", requester="", method=None, raw_method=subject)
         node, requester, raw = parts
-        try:
-            method: Method | None = Method(raw)
-        except ValueError:
-            method = None
+        method = _METHODS.get(raw)
         return RequestSubject(node=node, requester=requester, method=method, raw_method=raw)
+
+
+_METHODS: dict[str, Method] = {m.value: m for m in Method}
