@@ -4,6 +4,7 @@ exit codes (PROTOCOL.md §10)."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import os
 import signal
@@ -57,6 +58,7 @@ async def serve(config: Config) -> int:
         code = await _start(node)
         if code:
             return code
+        tune_gc()
         _say(f"NODE_ID={node.node_id}")
         await _wait_for_signal()
         log.info("draining")
@@ -68,6 +70,21 @@ async def serve(config: Config) -> int:
         if broker is not None:
             await broker.stop()
         datadir.unlock()
+
+
+# The cyclic garbage collector's thresholds once the node runs (CPython's are 700, 10, 10).
+# Every request allocates a few hundred objects, nearly all freed by reference counting,
+# yet each 700 allocations started a collection: at the default the collector took ~20 %
+# of the node's CPU under load (bench: AskForBid c64 +28 %, noop e2e +14 % with these).
+GC_THRESHOLDS = (50_000, 50, 100)
+
+
+def tune_gc() -> None:
+    """After start-up: move what start-up made (modules, config, restored executions) out
+    of the collector's sight for good (``gc.freeze``) and collect less often."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 async def _start(node: Node) -> int:
