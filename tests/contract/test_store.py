@@ -996,12 +996,17 @@ async def test_sqlite_disk_full_is_unavailable(sqlite_store: SqliteStore) -> Non
     assert await sqlite_store.pragma("integrity_check") == "ok"
 
 
-async def test_sqlite_locked_is_unavailable(db_path: Path) -> None:
+async def _store_with_one(db_path: Path, busy_timeout: float) -> tuple[SqliteStore, Execution]:
+    """An opened SqliteStore (sync=normal) holding one Created execution."""
     db_path.parent.mkdir(parents=True)
-    store = SqliteStore(db_path, busy_timeout=0.05)
+    store = SqliteStore(db_path, busy_timeout=busy_timeout)
     await store.open()
+    return store, await created(store)
+
+
+async def test_sqlite_locked_is_unavailable(db_path: Path) -> None:
+    store, execution = await _store_with_one(db_path, busy_timeout=0.05)
     try:
-        execution = await created(store)
         other = sqlite3.connect(db_path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")  # another writer holds the lock
@@ -1020,11 +1025,8 @@ async def test_sqlite_locked_is_unavailable(db_path: Path) -> None:
 async def test_sqlite_write_waits_for_a_lock_without_blocking_the_loop(db_path: Path) -> None:
     """sync=normal commits on the event loop; a lock held by another process must not
     stall the loop for the busy timeout: the write waits from a timer and then commits."""
-    db_path.parent.mkdir(parents=True)
-    store = SqliteStore(db_path, busy_timeout=30)
-    await store.open()
+    store, execution = await _store_with_one(db_path, busy_timeout=30)
     try:
-        execution = await created(store)
         other = sqlite3.connect(db_path, isolation_level=None)
         try:
             other.execute("BEGIN IMMEDIATE")
