@@ -169,8 +169,10 @@ def compare(a_path: Path, b_path: Path, threshold: float = 0.10) -> str:
 
 
 def _worse(figure: dict[str, Any], change: float) -> bool:
-    """Whether a change of this figure is for the worse (latency, time, memory: up)."""
-    lower_is_better = figure["unit"] in ("ms", "s", "MB") or figure.get("kind", "").endswith("_le")
+    """Whether a change of this figure is for the worse (latency, time, CPU, memory: up)."""
+    lower_is_better = figure["unit"] in ("ms", "s", "µs", "MB") or figure.get("kind", "").endswith(
+        "_le"
+    )
     return change > 0 if lower_is_better else change < 0
 
 
