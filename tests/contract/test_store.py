@@ -1031,8 +1031,8 @@ async def test_sqlite_write_waits_for_a_lock_without_blocking_the_loop(db_path: 
         try:
             other.execute("BEGIN IMMEDIATE")
             waiting = asyncio.create_task(move(store, execution.id, S.BID_ACCEPTED))
-            for _ in range(20):  # the loop keeps turning while the write waits
-                await asyncio.sleep(0.01)
+            for _ in range(50):  # the loop keeps turning while the write waits
+                await asyncio.sleep(0)
             assert not waiting.done()
             assert await store.get_execution(execution.id) == execution
             other.execute("ROLLBACK")

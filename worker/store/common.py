@@ -2,7 +2,7 @@
 
 Bacalhau's checks, the update itself, change validation and the listing cursor are pure
 functions: ``MemoryStore`` calls them directly and ``SqliteStore`` inside its transaction
-(in the connection thread). Also here: the record codec (msgspec JSON, the form both
+(on the writer connection). Also here: the record codec (msgspec JSON, the form both
 stores keep an execution in) and the times in UTC, compared as microseconds since the epoch.
 """
 

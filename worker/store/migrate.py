@@ -2,7 +2,7 @@
 
 Each ``migrations/NNNN_*.sql`` newer than the file's ``user_version`` runs in its own
 transaction, statement by statement, and sets ``user_version`` to its number; a file newer
-than this node is refused. Runs in aiosqlite's connection thread.
+than this node is refused. Runs in a worker thread on the writer connection, at open.
 """
 
 from __future__ import annotations

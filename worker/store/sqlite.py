@@ -1,17 +1,20 @@
 """ExecutionStore on SQLite through aiosqlite: WAL, one writer connection, migrations.
 
-Every operation is ONE plain function of a connection. Writes run in the writer
-connection's own thread (``sqlite_thread.WriterThread``); queries on a second, read-only
-connection in aiosqlite's thread (``Connection._execute``, private API: pyproject pins
-aiosqlite <0.23), so that they never queue behind a write waiting out ``busy_timeout``.
-Nothing awaits while a transaction is open.
+Every operation is ONE plain function of a connection. Writes go to the writer
+connection: with ``sync="normal"`` it is used on the event loop itself
+(``sqlite_inline.InlineWriter``: a commit never waits for the disk there, and a lock held
+by another process is waited out from a timer), with ``sync="full"`` in a thread of its
+own (``sqlite_thread.WriterThread``: each commit waits for an fsync). Queries run on a
+second, read-only connection in aiosqlite's thread (``Connection._execute``, private API:
+pyproject pins aiosqlite <0.23), so that they never queue behind a waiting write. Nothing
+awaits while a transaction is open.
 
-Writes commit in groups. A write appends its operation to the writer's queue; the thread
-takes every queued operation (up to ``MAX_BATCH``) into one ``BEGIN IMMEDIATE … COMMIT``,
-each operation inside its own SAVEPOINT, so one that fails (lost compare-and-set, unknown
-id, a builder that raises) is rolled back alone and its caller gets its own answer, and
-hands all their outcomes back to the loop at once. A lone write is a plain transaction.
-Idle, this is one commit per write; under load, one commit and one wake-up per batch.
+Writes commit in groups: those queued together (in one turn of the loop, or while the
+thread was busy; up to ``MAX_BATCH``) share one ``BEGIN IMMEDIATE … COMMIT``. A group
+first runs without savepoints; if a write fails (lost compare-and-set, unknown id, a
+builder that raises) it runs again with each write in its own SAVEPOINT, so that one is
+rolled back alone and its caller gets its own answer (``sqlite_writer``). At rest a write
+commits alone, at once; under load, one commit per group.
 
 The rules themselves (Bacalhau's checks, the update, the cursor) are shared with
 ``MemoryStore`` (``worker.store.common``). Beside this module: ``migrate`` (opening the

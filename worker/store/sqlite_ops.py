@@ -1,8 +1,9 @@
 """The SQLite store's operations: each one plain function of the connection.
 
-``SqliteStore`` runs each in aiosqlite's connection thread, in one hop: a read as it is, a
-write inside a (possibly grouped) transaction. An update's callback builder runs here too,
-so it must stay pure.
+``SqliteStore`` runs a read on its reader connection (aiosqlite's thread), a write inside a
+(possibly grouped) transaction of the writer connection (on the loop, or in the writer's
+thread with ``sync="full"``). An update's callback builder runs here too, so it must stay
+pure: a group may run a write twice (see ``sqlite_writer.group``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The SQLite store's rows: shared SQL fragments, record ⇄ row, SQLite's errors as ours.
 
-The tables themselves are defined by ``migrations/``. Everything here runs in aiosqlite's
-connection thread, inside the caller's transaction.
+The tables themselves are defined by ``migrations/``. Everything here runs on the writer
+or the reader connection, inside the caller's transaction.
 """
 
 from __future__ import annotations

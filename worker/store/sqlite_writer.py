@@ -34,8 +34,8 @@ def transaction(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T])
 
 
 class Write:
-    """One queued write; ``result``/``error`` are set in the connection thread before the
-    caller's drain returns."""
+    """One queued write; ``result``/``error`` are set where its group ran, before its
+    caller is answered."""
 
     __slots__ = ("error", "op", "result")
 
