@@ -12,6 +12,7 @@ import asyncio
 import base64
 import re
 import sqlite3
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta, timezone
@@ -1182,3 +1183,32 @@ async def test_update_with_an_owner_refuses_another_requesters_execution(
     assert (await store.get_execution(execution.id)).version == 1
     request.owner = execution.requester
     assert (await store.update(request)).execution.state is S.BID_ACCEPTED
+
+
+async def test_sqlite_writes_wait_for_a_call_on_the_writer(sqlite_store: SqliteStore) -> None:
+    """A call (pragmas, optimize) has the writer connection to itself in a worker thread:
+    writes made meanwhile wait for it, then all commit."""
+    executions = [await created(sqlite_store) for _ in range(20)]
+    started, release = threading.Event(), threading.Event()
+
+    def slow_call(conn: sqlite3.Connection) -> str:
+        started.set()
+        assert release.wait(10)
+        return str(conn.execute("PRAGMA quick_check").fetchone()[0])
+
+    call = asyncio.create_task(sqlite_store._run(slow_call))
+    while not started.is_set():
+        await asyncio.sleep(0)
+    moves = [
+        asyncio.create_task(move(sqlite_store, e.id, S.BID_ACCEPTED, callback=builder()))
+        for e in executions
+    ]
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert not any(m.done() for m in moves)  # held back while the call has the connection
+    release.set()
+    assert await call == "ok"
+    results = await asyncio.gather(*moves)
+    assert [r.execution.version for r in results] == [2] * len(executions)
+    assert (await sqlite_store.outbox_stats()).pending == len(executions)
+    assert await sqlite_store.pragma("integrity_check") == "ok"
