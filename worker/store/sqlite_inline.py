@@ -70,7 +70,6 @@ class InlineWriter:
         self._idle = True  # writes come one at a time: commit each at once (``write``)
         self._call_lock = asyncio.Lock()
         self._stopped = False
-        self.batches = 0
 
     async def start(self) -> None:
         self._conn = await asyncio.to_thread(
@@ -160,7 +159,6 @@ class InlineWriter:
             self._busy_since = None
             batch = self._take()
             self._group(conn, batch)
-            self.batches += len(batch) > 1
             complete(batch)
             if len(batch) == 1 and not self._pending and not now:
                 self._idle = True  # a deferred group of one: the writes are sparse again

@@ -3,7 +3,7 @@
 ``SqliteStore`` runs a read on its reader connection (aiosqlite's thread), a write inside a
 (possibly grouped) transaction of the writer connection (on the loop, or in the writer's
 thread with ``sync="full"``). An update's callback builder runs here too, so it must stay
-pure: a group may run a write twice (see ``sqlite_writer.group``).
+pure: a group may run a write twice (see ``sqlite_writer.group_begun``).
 """
 
 from __future__ import annotations

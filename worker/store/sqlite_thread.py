@@ -2,15 +2,16 @@
 
 Every write of the store goes through one ``sqlite3`` connection owned by this thread.
 The event loop appends a job to a deque and sets an event; the thread takes every queued
-job (up to ``MAX_BATCH`` writes) into one transaction (``sqlite_writer.group``), then hands
-the whole batch back to the loop with ONE ``call_soon_threadsafe``. aiosqlite, used
+job (up to ``MAX_BATCH`` writes) into one transaction (``sqlite_writer.group_begun``), then
+hands the whole batch back to the loop with ONE ``call_soon_threadsafe``. aiosqlite, used
 before, paid a queue hand-off, a future and a loop wake-up per call even when a drain had
 already done the work; under load that bookkeeping cost as much as the SQL.
 
 A *call* (``call``) runs alone, outside any transaction, in queue order: set-up, pragmas,
 ``optimize`` at close. A *write* (``write``) runs inside a transaction, grouped with the
-writes queued beside it, each in its savepoint. Neither is ever run twice or dropped: a
-job whose caller stopped waiting (cancelled) still runs, and its outcome is discarded.
+writes queued beside it. Nothing is dropped: a job whose caller stopped waiting
+(cancelled) still runs, and its outcome is discarded. Used for ``sync="full"``;
+``sqlite_inline.InlineWriter`` is the same interface on the event loop.
 """
 
 from __future__ import annotations
@@ -82,7 +83,6 @@ class WriterThread:
         self._conn: sqlite3.Connection | None = None
         self._thread = threading.Thread(target=self._main, name="store-writer", daemon=True)
         self._stopped = False
-        self.batches = 0  # committed groups (diagnostics)
 
     # -- the loop's side ------------------------------------------------------------------
     async def ready(self) -> None:
@@ -175,7 +175,6 @@ class WriterThread:
                 job.error = exc
             return
         self._group(conn, batch)
-        self.batches += len(batch) > 1
 
     def _hand_back(self, batch: list[Job]) -> None:
         try:

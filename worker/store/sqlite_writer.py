@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Write", "group", "group_begun", "transaction"]
+__all__ = ["Write", "group_begun", "transaction"]
 
 
 def transaction(conn: sqlite3.Connection, op: Callable[[sqlite3.Connection], T]) -> T:
@@ -45,27 +45,17 @@ class Write:
         self.error: BaseException | None = None
 
 
-def group(conn: sqlite3.Connection, batch: Sequence[Write]) -> None:
-    """Run ``batch`` in one transaction. Never raises: each write's outcome goes to its
-    own ``Write``.
-
-    First optimistically, every write straight in the transaction (no savepoints: two
-    statements fewer per write); if one of them raises, all is rolled back and the batch
-    runs again with each write in its own savepoint (``_isolated``), so that only the
-    failing one fails. Writes are pure functions of the database, so running one twice
-    gives the same outcome as running it once.
-    """
-    try:
-        conn.execute("BEGIN IMMEDIATE")
-    except BaseException as exc:  # locked, full, I/O: nothing ran
-        for write in batch:
-            write.result, write.error = None, exc
-        return
-    group_begun(conn, batch)
-
-
 def group_begun(conn: sqlite3.Connection, batch: Sequence[Write]) -> None:
-    """``group`` once its ``BEGIN IMMEDIATE`` has succeeded (ends the transaction)."""
+    """Run ``batch`` in the transaction its caller's ``BEGIN IMMEDIATE`` opened, and end
+    it. Never raises: each write's outcome goes to its own ``Write``.
+
+    The caller begins (the writers treat a busy BEGIN each in their own way). First
+    optimistically, every write straight in the transaction (no savepoints: two statements
+    fewer per write); if one of them raises, all is rolled back and the batch runs again
+    with each write in its own savepoint (``_isolated``), so that only the failing one
+    fails. Writes are pure functions of the database, so running one twice gives the same
+    outcome as running it once.
+    """
     try:
         for write in batch:
             write.result = write.op(conn)
