@@ -1212,3 +1212,114 @@ async def test_sqlite_writes_wait_for_a_call_on_the_writer(sqlite_store: SqliteS
     assert [r.execution.version for r in results] == [2] * len(executions)
     assert (await sqlite_store.outbox_stats()).pending == len(executions)
     assert await sqlite_store.pragma("integrity_check") == "ok"
+
+
+# --- updates from the store's own copy -----------------------------------------------------
+
+
+def _count_statements(store: SqliteStore, prefix: str) -> list[str]:
+    """The statements starting with ``prefix`` the store's writer connection runs from now
+    (the writer is on the loop with sync=normal, in its thread with sync=full: both call
+    the trace callback on the connection)."""
+    seen: list[str] = []
+    db = store._db
+    assert db is not None
+    conn = db._conn
+    assert conn is not None
+    conn.set_trace_callback(lambda sql: seen.append(sql) if sql.startswith(prefix) else None)
+    return seen
+
+
+async def test_sqlite_updates_skip_the_read_of_an_execution_it_wrote(
+    sqlite_store: SqliteStore,
+) -> None:
+    e = await created(sqlite_store)
+    reads = _count_statements(sqlite_store, "SELECT doc FROM executions")
+    r1 = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
+    r2 = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED, callback=builder())
+    r3 = await move(sqlite_store, e.id, S.CANCELLED, Cause.CANCEL)
+    assert reads == []  # each update started from the copy the store had written
+    assert [r.execution.version for r in (r1, r2, r3)] == [2, 3, 4]
+    assert await sqlite_store.get_execution(e.id) == r3.execution
+    history = await sqlite_store.get_history(e.id)
+    assert [(h.new_version, h.new_state) for h in history] == [
+        (1, S.CREATED),
+        (2, S.BID_ACCEPTED),
+        (3, S.RUNNING),
+        (4, S.CANCELLED),
+    ]
+    assert e.id not in sqlite_store._latest  # terminal: not kept
+
+
+async def test_sqlite_update_ignores_a_copy_changed_by_its_holder(
+    sqlite_store: SqliteStore,
+) -> None:
+    """The execution an update returns is the store's copy too; changing it in place
+    must not change what the next update writes."""
+    e = await created(sqlite_store)
+    original = (e.spec_hash, e.job.Metadata.ClientID)  # e shares its job with the copies
+    r1 = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
+    r1.execution.spec_hash = "changed by the caller"
+    r1.execution.job.Metadata.ClientID = "changed too"
+    reads = _count_statements(sqlite_store, "SELECT doc FROM executions")
+    r2 = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED)
+    assert len(reads) == 1  # the copy did not match the stored row: read it
+    stored = await sqlite_store.get_execution(e.id)
+    assert stored == r2.execution
+    assert (stored.spec_hash, stored.job.Metadata.ClientID) == original
+    assert stored.version == 3
+
+
+async def test_sqlite_update_follows_a_row_changed_behind_its_back(
+    sqlite_store: SqliteStore, db_path: Path
+) -> None:
+    """Another writer (an operator's sqlite3 shell, say) changed the row: the store's copy
+    no longer matches it, so the update starts from the stored row."""
+    e = await created(sqlite_store)
+    await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        doc = other.execute("SELECT doc FROM executions WHERE id = ?", (e.id,)).fetchone()[0]
+        needle = b'"spec_hash":"%s"' % e.spec_hash.encode()
+        assert needle in doc
+        changed = doc.replace(needle, b'"spec_hash":"by hand"')
+        other.execute("UPDATE executions SET doc = ? WHERE id = ?", (changed, e.id))
+    finally:
+        other.close()
+    r = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED, expected_version=2)
+    assert (r.execution.version, r.execution.spec_hash) == (3, "by hand")
+    assert (await sqlite_store.get_execution(e.id)).spec_hash == "by hand"
+    assert [h.new_version for h in await sqlite_store.get_history(e.id)] == [1, 2, 3]
+
+
+async def test_sqlite_racing_updates_of_one_execution_in_one_group(
+    sqlite_store: SqliteStore, batch_sizes: list[int]
+) -> None:
+    """Two competing moves of each execution, committed in groups: the store's copy of an
+    execution is out of date once the first move is in, so the second move must see the
+    stored row. Exactly one move of each wins."""
+    executions = [await created(sqlite_store) for _ in range(10)]
+    batch_sizes.clear()
+    created_only = frozenset({S.CREATED})
+    moves = []
+    for e in executions:
+        moves.append(
+            move(
+                sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED, expected_states=created_only
+            )
+        )
+        moves.append(
+            move(sqlite_store, e.id, S.CANCELLED, Cause.BID_REJECTED, expected_states=created_only)
+        )
+    results = await asyncio.gather(*moves, return_exceptions=True)
+    assert max(batch_sizes) > 2  # both moves of some executions were in one group
+    for i, e in enumerate(executions):
+        pair = results[2 * i : 2 * i + 2]
+        won = [r for r in pair if isinstance(r, UpdateResult)]
+        lost = [r for r in pair if isinstance(r, BaseException)]
+        assert len(won) == 1 and len(lost) == 1 and isinstance(lost[0], InvalidStateError)
+        assert await sqlite_store.get_execution(e.id) == won[0].execution
+        assert [h.new_version for h in await sqlite_store.get_history(e.id)] == [1, 2]
+        if won[0].execution.state is S.BID_ACCEPTED:  # the copy kept is the winner's
+            after = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED)
+            assert after.execution.version == 3

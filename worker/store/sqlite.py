@@ -100,6 +100,7 @@ async def _in_thread(
 
 
 CHECKPOINT_INTERVAL = 0.5  # seconds between PASSIVE WAL checkpoints
+LATEST_MAX = 100_000  # executions whose last written version is kept (see ``_latest``)
 
 
 def _group_now(conn: sqlite3.Connection, batch: list[Write]) -> None:
@@ -143,6 +144,10 @@ class SqliteStore:
         # that it has none without a thread hop. It may over-count for a moment (then the
         # query answers), never under-count: +1 before a create, -1 once a move is terminal.
         self._live: Counter[tuple[str, str]] = Counter()
+        # The last version this store wrote of each live execution: an update starts from
+        # it instead of reading and decoding the row, if it still encodes to the stored
+        # document (``sqlite_ops.update`` checks that in its UPDATE). Terminal ones leave.
+        self._latest: dict[str, Execution] = {}
 
     @property
     def path(self) -> Path:
@@ -190,6 +195,7 @@ class SqliteStore:
                     await reader.execute("PRAGMA wal_checkpoint(PASSIVE)")
 
     async def close(self) -> None:
+        self._latest.clear()
         task, self._checkpointer = self._checkpointer, None
         if task is not None:
             task.cancel()
@@ -269,10 +275,20 @@ class SqliteStore:
         key = (execution.requester, execution.job_id)
         self._live[key] += 1
         try:
-            return await self._write(ops.create, execution, comment)
+            stored = await self._write(ops.create, execution, comment)
         except BaseException:
             self._forget(key)
             raise
+        self._remember(stored)
+        return stored
+
+    def _remember(self, execution: Execution) -> None:
+        if execution.state in TERMINAL:
+            self._latest.pop(execution.id, None)
+            return
+        if len(self._latest) >= LATEST_MAX:  # only a bound: a miss costs one query
+            self._latest.clear()
+        self._latest[execution.id] = execution
 
     def _forget(self, key: tuple[str, str]) -> None:
         self._live[key] -= 1
@@ -297,7 +313,13 @@ class SqliteStore:
 
     async def update(self, request: UpdateRequest) -> UpdateResult:
         changes = validate_changes(request.changes)
-        after, row = await self._write(ops.update, request, changes, utc(self._clock()))
+        known = self._latest.get(request.execution_id)
+        try:
+            after, row = await self._write(ops.update, request, changes, utc(self._clock()), known)
+        except BaseException:
+            self._latest.pop(request.execution_id, None)
+            raise
+        self._remember(after)
         if after.state in TERMINAL:
             self._forget((after.requester, after.job_id))
         return UpdateResult(after, row)
@@ -363,6 +385,7 @@ class SqliteStore:
 
     async def delete_execution(self, execution_id: str) -> None:
         # ON DELETE CASCADE removes the history and outbox rows in the same statement.
+        self._latest.pop(execution_id, None)
         await self._write(ops.changed_rows, "DELETE FROM executions WHERE id = ?", (execution_id,))
 
     async def count(self) -> int:

@@ -25,6 +25,7 @@ from worker.store.common import (
     creation_history,
     decode_execution,
     encode_cursor,
+    encode_execution,
     from_us,
     normalize,
     to_us,
@@ -87,21 +88,66 @@ def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> Exec
     return stored
 
 
+# job_id and requester never change: leaving them out of SET spares SQLite two indexes.
+_UPDATE = (
+    "UPDATE executions SET state = ?, version = ?, update_us = ?,"
+    " deadline_us = ?, last_cause = ?, doc = ? WHERE id = ?"
+)
+_UPDATE_KNOWN = _UPDATE + " AND doc = ?"  # only if the stored document is this one
+
+
 def update(
-    conn: sqlite3.Connection, request: UpdateRequest, changes: dict[str, Any], now: datetime
+    conn: sqlite3.Connection,
+    request: UpdateRequest,
+    changes: dict[str, Any],
+    now: datetime,
+    known: Execution | None = None,
 ) -> tuple[Execution, OutboxRow | None]:
+    """Apply ``request`` to the stored execution.
+
+    ``known`` is the store's copy of the execution as it last wrote it, which may be out
+    of date (or changed in place by whoever holds it). It is used only if it encodes to
+    exactly the stored document: the UPDATE says so in its WHERE, compared by SQLite in
+    the same statement. Then the stored document decodes to an equal execution and the
+    query and the decoding are skipped. Otherwise the database's copy is read, as always.
+    """
+    if known is not None:
+        done = _update_known(conn, request, changes, now, known)
+        if done is not None:
+            return done
     found = conn.execute(
         "SELECT doc FROM executions WHERE id = ?", (request.execution_id,)
     ).fetchone()
     if found is None:
         raise ExecutionNotFound(request.execution_id)
     after, entry, row = apply_update(decode_execution(found[0]), request, changes, now)
-    # job_id and requester never change: leaving them out of SET spares SQLite two indexes.
-    conn.execute(
-        "UPDATE executions SET state = ?, version = ?, update_us = ?,"
-        " deadline_us = ?, last_cause = ?, doc = ? WHERE id = ?",
-        execution_params(after)[2:],
-    )
+    conn.execute(_UPDATE, execution_params(after)[2:])
+    return _recorded(conn, after, entry, row)
+
+
+def _update_known(
+    conn: sqlite3.Connection,
+    request: UpdateRequest,
+    changes: dict[str, Any],
+    now: datetime,
+    known: Execution,
+) -> tuple[Execution, OutboxRow | None] | None:
+    """``update`` from ``known``; None when ``known`` is not what is stored (nothing
+    written then), or its checks failed (maybe only because it is out of date: the
+    caller redoes them on the stored copy)."""
+    try:
+        after, entry, row = apply_update(known, request, changes, now)
+    except Exception:
+        return None
+    params = execution_params(after)[2:]
+    if conn.execute(_UPDATE_KNOWN, (*params, encode_execution(known))).rowcount != 1:
+        return None
+    return _recorded(conn, after, entry, row)
+
+
+def _recorded(
+    conn: sqlite3.Connection, after: Execution, entry: HistoryEntry, row: OutboxRow | None
+) -> tuple[Execution, OutboxRow | None]:
     insert_history(conn, entry)
     if row is not None:
         insert_outbox(conn, row)
