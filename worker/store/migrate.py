@@ -75,6 +75,9 @@ def migrate(conn: sqlite3.Connection, scripts: Sequence[tuple[int, str]]) -> Non
         transaction(conn, apply)
 
 
+JOURNAL_SIZE_LIMIT = 64 << 20  # bytes of WAL file kept once it is started over
+
+
 def setup(
     conn: sqlite3.Connection, sync: str, busy_ms: int, scripts: Sequence[tuple[int, str]]
 ) -> None:
@@ -82,6 +85,9 @@ def setup(
     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run off the writer's path
+    # When the writer starts the WAL over (see ``SqliteStore._checkpoints``), it cuts the
+    # file back to this size: what a burst made it grow to is given back to the disk.
+    conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     conn.execute(f"PRAGMA synchronous = {sync.upper()}")
     conn.execute("PRAGMA foreign_keys = ON")
     migrate(conn, scripts)
