@@ -145,6 +145,29 @@ def _e2e(raw: Raw) -> list[Figure]:
     )
     if f is not None:
         out.append(f.judge(invalid=declined(raw, "e2e.node_c64")))
+    cpu = [e["cpu"]["cpu_us_per_op"].get("node", float("nan")) for e in raw.get("e2e.node_c64", [])]
+    if cpu:
+        out.append(
+            Figure(
+                key="e2e_node_cpu",
+                label="node CPU per noop job",
+                value=median(cpu),
+                unit="µs",
+                reps=cpu,
+            )
+        )
+    probe = _vals(raw, "e2e.fs_probe", "us_per_job")
+    if probe:
+        out.append(
+            Figure(
+                key="e2e_fs_probe",
+                label="results folder per job on the data dir's disk (2 mkdir + 3 files)",
+                value=median(probe),
+                unit="µs",
+                reps=probe,
+                target="report: PROTOCOL.md §7 work, on the event loop",
+            )
+        )
     for q in ("p50", "p99"):
         f = _fig(
             raw,
