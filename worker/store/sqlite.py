@@ -14,7 +14,13 @@ thread was busy; up to ``MAX_BATCH``) share one ``BEGIN IMMEDIATE … COMMIT``. 
 first runs without savepoints; if a write fails (lost compare-and-set, unknown id, a
 builder that raises) it runs again with each write in its own SAVEPOINT, so that one is
 rolled back alone and its caller gets its own answer (``sqlite_writer``). At rest a write
-commits alone, at once; under load, one commit per group.
+commits alone, at once; under load, one commit per group. An update starts from the
+store's own copy of the execution when SQLite confirms, in the UPDATE itself, that the
+copy is still exactly the stored document (``sqlite_ops.update``).
+
+Checkpoints run every half second on the reader's connection (PASSIVE); when the WAL has
+grown past ``WAL_RESTART_FRAMES`` anyway (steady writes: see ``_checkpoints``) a RESTART
+checkpoint on the writer's connection lets the next commit start it over.
 
 The rules themselves (Bacalhau's checks, the update, the cursor) are shared with
 ``MemoryStore`` (``worker.store.common``). Beside this module: ``migrate`` (opening the
