@@ -115,6 +115,18 @@ def _bid(raw: Raw, sync: str) -> list[Figure]:
         )
         if f is not None:
             out.append(f.judge(invalid=declined(raw, value[0])))
+    wal = _vals(raw, f"bid.{sync}.wal", "wal_mb")
+    if wal:
+        out.append(
+            Figure(
+                key=f"ask_wal_{sync}",
+                label=f"node WAL file after each 64-in-flight run{tag}",
+                value=max(wal),
+                unit="MB",
+                reps=wal,
+                target="report (max; was unbounded)",
+            )
+        )
     cpu = [e["cpu"]["cpu_us_per_op"].get("node", float("nan")) for e in raw.get(c64, [])]
     if cpu:
         out.append(
