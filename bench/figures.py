@@ -116,29 +116,31 @@ def _bid(raw: Raw, sync: str) -> list[Figure]:
         if f is not None:
             out.append(f.judge(invalid=declined(raw, value[0])))
     wal = _vals(raw, f"bid.{sync}.wal", "wal_mb")
-    if wal:
-        out.append(
-            Figure(
-                key=f"ask_wal_{sync}",
-                label=f"node WAL file after each 64-in-flight run{tag}",
-                value=max(wal),
-                unit="MB",
-                reps=wal,
-                target="report (max; was unbounded)",
-            )
-        )
-    cpu = [e["cpu"]["cpu_us_per_op"].get("node", float("nan")) for e in raw.get(c64, [])]
-    if cpu:
-        out.append(
-            Figure(
-                key=f"ask_node_cpu_{sync}",
-                label=f"node CPU per ask+reject{tag}",
-                value=median(cpu),
-                unit="µs",
-                reps=cpu,
-            )
-        )
+    out += _info(
+        f"ask_wal_{sync}",
+        f"node WAL file after each 64-in-flight run{tag}",
+        wal,
+        "MB",
+        "report (max; was unbounded)",
+        value=max(wal, default=0.0),
+    )
+    out += _info(f"ask_node_cpu_{sync}", f"node CPU per ask+reject{tag}", _node_cpu(raw, c64), "µs")
     return out
+
+
+def _node_cpu(raw: Raw, name: str) -> list[float]:
+    return [e["cpu"]["cpu_us_per_op"].get("node", float("nan")) for e in raw.get(name, [])]
+
+
+def _info(
+    key: str, label: str, reps: list[float], unit: str, target: str = "", value: float | None = None
+) -> list[Figure]:
+    """A reported figure without a baseline (the median of ``reps`` unless ``value``);
+    none when nothing was measured."""
+    if not reps:
+        return []
+    shown = median(reps) if value is None else value
+    return [Figure(key=key, label=label, value=shown, unit=unit, reps=reps, target=target)]
 
 
 def _e2e(raw: Raw) -> list[Figure]:
@@ -157,29 +159,14 @@ def _e2e(raw: Raw) -> list[Figure]:
     )
     if f is not None:
         out.append(f.judge(invalid=declined(raw, "e2e.node_c64")))
-    cpu = [e["cpu"]["cpu_us_per_op"].get("node", float("nan")) for e in raw.get("e2e.node_c64", [])]
-    if cpu:
-        out.append(
-            Figure(
-                key="e2e_node_cpu",
-                label="node CPU per noop job",
-                value=median(cpu),
-                unit="µs",
-                reps=cpu,
-            )
-        )
-    probe = _vals(raw, "e2e.fs_probe", "us_per_job")
-    if probe:
-        out.append(
-            Figure(
-                key="e2e_fs_probe",
-                label="results folder per job on the data dir's disk (2 mkdir + 3 files)",
-                value=median(probe),
-                unit="µs",
-                reps=probe,
-                target="report: PROTOCOL.md §7 work, on the event loop",
-            )
-        )
+    out += _info("e2e_node_cpu", "node CPU per noop job", _node_cpu(raw, "e2e.node_c64"), "µs")
+    out += _info(
+        "e2e_fs_probe",
+        "results folder per job on the data dir's disk (2 mkdir + 3 files)",
+        _vals(raw, "e2e.fs_probe", "us_per_job"),
+        "µs",
+        "report: PROTOCOL.md §7 work, on the event loop",
+    )
     for q in ("p50", "p99"):
         f = _fig(
             raw,

@@ -85,7 +85,7 @@ def setup(
     conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA wal_autocheckpoint = 0")  # checkpoints run off the writer's path
-    # When the writer starts the WAL over (see ``SqliteStore._checkpoints``), it cuts the
+    # When the writer starts the WAL over (see ``sqlite_wal``), it cuts the
     # file back to this size: what a burst made it grow to is given back to the disk.
     conn.execute(f"PRAGMA journal_size_limit = {JOURNAL_SIZE_LIMIT}")
     conn.execute(f"PRAGMA synchronous = {sync.upper()}")

@@ -18,9 +18,8 @@ commits alone, at once; under load, one commit per group. An update starts from 
 store's own copy of the execution when SQLite confirms, in the UPDATE itself, that the
 copy is still exactly the stored document (``sqlite_ops.update``).
 
-Checkpoints run every half second on the reader's connection (PASSIVE); when the WAL has
-grown past ``WAL_RESTART_FRAMES`` anyway (steady writes: see ``_checkpoints``) a RESTART
-checkpoint on the writer's connection lets the next commit start it over.
+Checkpoints (``sqlite_wal``): PASSIVE on the reader's connection every half second, and
+RESTART on the writer's when steady writes keep the WAL from being started over.
 
 The rules themselves (Bacalhau's checks, the update, the cursor) are shared with
 ``MemoryStore`` (``worker.store.common``). Beside this module: ``migrate`` (opening the
@@ -32,7 +31,6 @@ the transaction, in the connection thread: it must stay pure.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import re
 import sqlite3
 from collections import Counter
@@ -46,6 +44,7 @@ import aiosqlite
 from worker.errors import StoreUnavailableError
 from worker.states import TERMINAL
 from worker.store import sqlite_ops as ops
+from worker.store import sqlite_wal as wal
 from worker.store.common import (
     Clock,
     check_limit,
@@ -105,30 +104,7 @@ async def _in_thread(
     return result
 
 
-CHECKPOINT_INTERVAL = 0.5  # seconds between PASSIVE WAL checkpoints
 LATEST_MAX = 100_000  # executions whose last written version is kept (see ``_latest``)
-# WAL frames (pages, 4 KiB) past which a checkpoint holds the writes back until it is
-# done, so that the next commit starts the WAL over (see ``_checkpoints``).
-WAL_RESTART_FRAMES = 4096
-
-
-def _passive_checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """(busy, frames in the WAL, frames copied to the database) after a PASSIVE one."""
-    row = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-    return int(row[0]), int(row[1]), int(row[2])
-
-
-def _restart_checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
-    """On the writer connection, no write running: copy the rest of the WAL and wait
-    (50 ms at most) for readers to leave it, so that the next commit writes it from the
-    start. The connection's own busy timeout is restored afterwards."""
-    previous = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
-    conn.execute("PRAGMA busy_timeout = 50")
-    try:
-        row = conn.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
-    finally:
-        conn.execute(f"PRAGMA busy_timeout = {previous}")
-    return int(row[0]), int(row[1]), int(row[2])
 
 
 def _group_now(conn: sqlite3.Connection, batch: list[Write]) -> None:
@@ -206,34 +182,21 @@ class SqliteStore:
         await reader
         await _in_thread(reader, _setup_reader, self._busy_ms)
         self._reader = reader
-        self._checkpointer = asyncio.get_running_loop().create_task(self._checkpoints())
+        self._checkpointer = asyncio.get_running_loop().create_task(
+            wal.checkpoints(self._passive_checkpoint, self._restart_checkpoint)
+        )
         rows = await self._run(
             lambda c: c.execute(f"SELECT requester, job_id FROM executions WHERE {LIVE}").fetchall()
         )
         self._live = Counter((r, j) for r, j in rows)
 
-    async def _checkpoints(self) -> None:
-        """WAL checkpoints on the reader's connection, so no commit of the writer pays for
-        one (an automatic checkpoint inside a commit made the bid p99 several ms).
+    async def _passive_checkpoint(self) -> int:  # on the reader's connection: WAL frames
+        reader = self._reader
+        return 0 if reader is None else (await _in_thread(reader, wal.passive_checkpoint))[1]
 
-        A PASSIVE checkpoint copies what was committed when it began; under steady writes
-        something newer is always left, and SQLite starts the WAL over only once all of
-        it has been copied: the file grew without end (~22 KB per ask+reject, 470 MB in
-        90 s at full load). Past ``WAL_RESTART_FRAMES`` the rest is copied by a RESTART
-        checkpoint on the writer's connection: the writes wait for it, off the event
-        loop (2-4 ms here at moderate load, 15-45 ms at full load, where it comes every
-        half second); the next commit starts the WAL over, and the writer's
-        ``journal_size_limit`` gives the space back.
-        """
-        while True:
-            await asyncio.sleep(CHECKPOINT_INTERVAL)
-            reader, db = self._reader, self._db
-            if reader is None or db is None:
-                continue
-            with contextlib.suppress(sqlite3.Error):
-                _, frames, _ = await _in_thread(reader, _passive_checkpoint)
-                if frames > WAL_RESTART_FRAMES:
-                    await db.call(_restart_checkpoint)
+    async def _restart_checkpoint(self) -> None:  # on the writer's connection, writes wait
+        if self._db is not None:
+            await self._db.call(wal.restart_checkpoint)
 
     async def close(self) -> None:
         self._latest.clear()
