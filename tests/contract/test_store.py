@@ -1326,6 +1326,17 @@ async def test_sqlite_racing_updates_of_one_execution_in_one_group(
             assert after.execution.version == 3
 
 
+async def test_sqlite_update_survives_a_copy_its_holder_broke(sqlite_store: SqliteStore) -> None:
+    """A copy changed into something that does not even encode is only a copy: the
+    update reads the stored row and goes through."""
+    e = await created(sqlite_store)
+    r1 = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
+    r1.execution.spec_hash = object()  # type: ignore[assignment]
+    r2 = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED)
+    assert (r2.execution.version, r2.execution.spec_hash) == (3, e.spec_hash)
+    assert await sqlite_store.get_execution(e.id) == r2.execution
+
+
 @pytest.mark.parametrize("sync", ["normal", "full"])
 async def test_sqlite_wal_starts_over_under_steady_writes(
     sync: Literal["normal", "full"], db_path: Path, monkeypatch: pytest.MonkeyPatch

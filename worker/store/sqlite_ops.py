@@ -136,11 +136,12 @@ def _update_known(
     written then), or its checks failed (maybe only because it is out of date: the
     caller redoes them on the stored copy)."""
     try:
+        stored = encode_execution(known)  # what the row must hold for ``known`` to count
         after, entry, row = apply_update(known, request, changes, now)
     except Exception:
         return None
     params = execution_params(after)[2:]
-    if conn.execute(_UPDATE_KNOWN, (*params, encode_execution(known))).rowcount != 1:
+    if conn.execute(_UPDATE_KNOWN, (*params, stored)).rowcount != 1:
         return None
     return _recorded(conn, after, entry, row)
 
