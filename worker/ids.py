@@ -1,8 +1,8 @@
 """Random IDs without a system call each: UUIDv4 text from a pool of ``os.urandom`` bytes.
 
 ``uuid.uuid4()`` reads 16 bytes from the kernel per call; on the bid path that system call
-released the GIL and the event loop then waited for the store's writer thread to give it
-back. The pool reads 4 KiB at a time (256 IDs), from the same source.
+released the GIL, and with ``--sync full`` the event loop then waited for the store's
+writer thread to give it back. The pool reads 4 KiB at a time (256 IDs), from the same source.
 """
 
 from __future__ import annotations

@@ -50,7 +50,7 @@ def recording(tracer: Tracer) -> bool:
 
 def child_span(tracer: Tracer, name: str) -> Any:
     """A span under the current one, or ``NOTHING`` when spans are not recorded."""
-    if isinstance(tracer, NoOpTracer):
+    if not recording(tracer):
         return NOTHING
     return tracer.start_as_current_span(name)
 
@@ -182,7 +182,7 @@ def consumer_span(
 ) -> Any:
     """The CONSUMER span of a request, child of the incoming context; with a no-op tracer
     only the incoming context is made current, so replies and callbacks carry it on."""
-    if isinstance(tracer, NoOpTracer):
+    if not recording(tracer):
         return _propagate_only(headers)
     return tracer.start_as_current_span(
         f"{template} process",
@@ -204,7 +204,7 @@ def producer_span(
     attributes: dict[str, Any],
 ) -> Any:
     """A PRODUCER span for a callback, continuing ``parent``'s trace, linked to ``link``."""
-    if isinstance(tracer, NoOpTracer):
+    if not recording(tracer):
         return NOTHING  # the callback's headers already carry its trace context
     parent_ctx = extract(parent)
     links = []

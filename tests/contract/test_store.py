@@ -27,6 +27,7 @@ from schemas.callbacks import RunCommandResult
 from schemas.compute import ExecutionState as S
 from schemas.job import Engine, Job, Metadata, Spec, StorageSource, StorageSpec
 from tests.contract.conftest import ManualClock
+from tests.helpers import assert_eventually
 from worker.capacity.usage import ResourceUsage
 from worker.errors import (
     AlreadyExistsError,
@@ -1198,8 +1199,7 @@ async def test_sqlite_writes_wait_for_a_call_on_the_writer(sqlite_store: SqliteS
         return str(conn.execute("PRAGMA quick_check").fetchone()[0])
 
     call = asyncio.create_task(sqlite_store._run(slow_call))
-    while not started.is_set():
-        await asyncio.sleep(0)
+    await assert_eventually(started.is_set)
     moves = [
         asyncio.create_task(move(sqlite_store, e.id, S.BID_ACCEPTED, callback=builder()))
         for e in executions

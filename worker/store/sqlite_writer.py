@@ -1,10 +1,10 @@
 """Transactions on the SQLite writer connection: one write alone, or a group of writes.
 
-Runs in the writer connection's thread. A group is ONE ``BEGIN IMMEDIATE … COMMIT``; when
-a write fails (lost compare-and-set, unknown id, a builder that raises) the group runs
-again with each write inside its own SAVEPOINT, so that one is rolled back alone and its
-caller gets its own answer; which writes form a group is decided by the writer thread
-(``worker.store.sqlite_thread``).
+Runs wherever the writer connection is used: on the event loop (``sqlite_inline``) or in
+its own thread (``sqlite_thread``), which decide which writes form a group. A group is ONE
+``BEGIN IMMEDIATE … COMMIT``; when a write fails (lost compare-and-set, unknown id, a
+builder that raises) the group runs again with each write inside its own SAVEPOINT, so
+that one is rolled back alone and its caller gets its own answer.
 """
 
 from __future__ import annotations
