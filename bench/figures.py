@@ -125,11 +125,54 @@ def _bid(raw: Raw, sync: str) -> list[Figure]:
         value=max(wal, default=0.0),
     )
     out += _info(f"ask_node_cpu_{sync}", f"node CPU per ask+reject{tag}", _node_cpu(raw, c64), "µs")
+    out += _cpu_bound(raw, f"ask_{sync}", "ask+reject", tag, c64, f"bid.{sync}.echo_c64")
     return out
 
 
-def _node_cpu(raw: Raw, name: str) -> list[float]:
-    return [e["cpu"]["cpu_us_per_op"].get("node", float("nan")) for e in raw.get(name, [])]
+def _node_cpu(raw: Raw, name: str, key: str = "cpu_us_per_op") -> list[float]:
+    return [e["cpu"].get(key, {}).get("node", float("nan")) for e in raw.get(name, [])]
+
+
+def _cpu_bound(raw: Raw, key: str, op: str, tag: str, name: str, echo: str) -> list[Figure]:
+    """The node's event-loop CPU per ``op`` (one core: the rate can reach 1 s / that at
+    most), and the rate the CPU per ``op`` of the node, the bench process and nats-server
+    together allows at most on the machine's cores: its ratio is the best the target's
+    ratio could be at these costs, with the work spread perfectly over every core."""
+    out = _info(
+        f"{key}_node_loop",
+        f"node event-loop CPU per {op}{tag}",
+        _node_cpu(raw, name, "main_thread_us_per_op"),
+        "µs",
+        "report: 1 s / this bounds the rate",
+    )
+    ceilings = [c for c in (_ceiling(e["cpu"]) for e in raw.get(name, [])) if c is not None]
+    if ceilings:
+        rates = _vals(raw, echo, "rate")
+        cores = _cores(raw, name)
+        out.append(
+            Figure(
+                key=f"{key}_ceiling",
+                label=f"most {op}s/s all processes' CPU allows on {cores}{tag}",
+                value=median(ceilings),
+                unit="/s",
+                baseline=median(rates) if rates else None,
+                baseline_label="echo c64 /s",
+                reps=ceilings,
+                baseline_reps=rates,
+                target="report: no design with these costs passes this ratio",
+            )
+        )
+    return out
+
+
+def _ceiling(cpu: dict[str, Any]) -> float | None:
+    total = sum(cpu.get("cpu_us_per_op", {}).values())
+    return float(cpu.get("cores", 2) * 1e6 / total) if total else None
+
+
+def _cores(raw: Raw, name: str) -> str:
+    cores = {e["cpu"].get("cores", 2) for e in raw.get(name, [])}
+    return f"{max(cores)} cores"
 
 
 def _info(
@@ -160,6 +203,7 @@ def _e2e(raw: Raw) -> list[Figure]:
     if f is not None:
         out.append(f.judge(invalid=declined(raw, "e2e.node_c64")))
     out += _info("e2e_node_cpu", "node CPU per noop job", _node_cpu(raw, "e2e.node_c64"), "µs")
+    out += _cpu_bound(raw, "e2e", "noop job", "", "e2e.node_c64", "e2e.echo_c64")
     out += _info(
         "e2e_fs_probe",
         "results folder per job on the data dir's disk (2 mkdir + 3 files)",

@@ -13,9 +13,47 @@ import contextlib
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 Op = Callable[[], Awaitable[float | None]]
 INFLIGHT = 64  # requests in flight for every "64 in flight" figure
+
+
+class Window(Protocol):
+    """Told when the measured window opens and closes (after the warm-up, before the
+    drain), so that what it measures covers the counted operations only."""
+
+    def open(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _NoWindow:
+    def open(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class _Timed:
+    """Opens ``window`` once ``delay`` seconds have passed (at once on ``close`` if they
+    have not: a load that ended during its warm-up has an empty window)."""
+
+    def __init__(self, window: Window, delay: float) -> None:
+        self.window = window
+        self.opened = False
+        self.handle = asyncio.get_running_loop().call_later(delay, self._open)
+
+    def _open(self) -> None:
+        self.opened = True
+        self.window.open()
+
+    def close(self) -> None:
+        self.handle.cancel()
+        if not self.opened:
+            self._open()
+        self.window.close()
 
 
 @dataclass
@@ -32,8 +70,11 @@ class LoadResult:
         return self.ops / self.elapsed if self.elapsed else 0.0
 
 
-async def sequential(op: Op, *, n: int, warmup: int, max_s: float) -> LoadResult:
+async def sequential(
+    op: Op, *, n: int, warmup: int, max_s: float, window: Window | None = None
+) -> LoadResult:
     """``warmup`` untimed operations, then up to ``n`` timed ones (or ``max_s`` seconds)."""
+    window = window or _NoWindow()
     result = LoadResult()
     for _ in range(warmup):
         try:
@@ -41,6 +82,7 @@ async def sequential(op: Op, *, n: int, warmup: int, max_s: float) -> LoadResult
         except Exception:
             result.errors += 1
     result.errors = 0
+    window.open()
     t0 = time.perf_counter()
     end = t0 + max_s
     while result.ops + result.skipped + result.errors < n and time.perf_counter() < end:
@@ -56,11 +98,19 @@ async def sequential(op: Op, *, n: int, warmup: int, max_s: float) -> LoadResult
             result.ops += 1
             result.latencies.append(latency)
     result.elapsed = time.perf_counter() - t0
+    window.close()
     return result
 
 
 async def concurrent(
-    op: Op, *, inflight: int, duration: float, warmup: float, max_ops: int, drain: float = 15.0
+    op: Op,
+    *,
+    inflight: int,
+    duration: float,
+    warmup: float,
+    max_ops: int,
+    drain: float = 15.0,
+    window: Window | None = None,
 ) -> LoadResult:
     """``inflight`` workers for ``warmup`` + ``duration`` seconds (or until ``max_ops``
     operations counted); only operations that end inside the measured window count."""
@@ -69,6 +119,7 @@ async def concurrent(
     t_end = t_start + duration
     stop = False
     done = asyncio.Event()
+    timed = _Timed(window or _NoWindow(), warmup)
 
     async def worker() -> None:
         nonlocal stop
@@ -101,6 +152,7 @@ async def concurrent(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(done.wait(), max(0.0, t_end - time.perf_counter()))
     stop = True
+    timed.close()
     if not result.elapsed:
         result.elapsed = min(time.perf_counter(), t_end) - t_start
     _, pending = await asyncio.wait(tasks, timeout=drain)

@@ -61,6 +61,16 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
+def main_thread_seconds(pid: int) -> float:
+    """utime + stime of a process's main thread (a node's event loop), in seconds; zero
+    once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
 def rss_bytes(pid: int) -> dict[str, int]:
     """VmRSS, RssAnon, RssFile, RssShmem of a process, in bytes."""
     out: dict[str, int] = {}
@@ -92,30 +102,49 @@ class CpuMeter:
     pids: dict[str, int]
     start: dict[str, float] = field(default_factory=dict)
     sys0: dict[str, float] = field(default_factory=dict)
+    main0: dict[str, float] = field(default_factory=dict)
     busy0: float = 0.0
     t0: float = 0.0
+    closed: bool = False
 
     def __enter__(self) -> CpuMeter:
-        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self.sys0 = {name: cpu_times(pid)[1] for name, pid in self.pids.items()}
-        self.busy0 = system_busy_seconds()
-        self.t0 = time.perf_counter()
+        self.open()
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if not self.closed:
+            self.close()
+
+    def open(self) -> None:
+        """Start (or start again) the interval: a load calls it after its warm-up."""
+        self.closed = False
+        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        self.sys0 = {name: cpu_times(pid)[1] for name, pid in self.pids.items()}
+        self.main0 = {name: main_thread_seconds(pid) for name, pid in self.pids.items()}
+        self.busy0 = system_busy_seconds()
+        self.t0 = time.perf_counter()
+
+    def close(self) -> None:
+        """End the interval: a load calls it when its measured window ends."""
+        self.closed = True
         self.wall = time.perf_counter() - self.t0
         self.used = {n: cpu_seconds(p) - self.start[n] for n, p in self.pids.items()}
         self.system = {n: cpu_times(p)[1] - self.sys0[n] for n, p in self.pids.items()}
+        self.main = {n: main_thread_seconds(p) - self.main0[n] for n, p in self.pids.items()}
         busy = system_busy_seconds() - self.busy0
         self.foreign = max(0.0, busy - sum(self.used.values()))
 
     def summary(self, ops: int) -> dict[str, object]:
-        """CPU per process in µs per operation, and the foreign load in cores."""
+        """CPU per process in µs per operation (all threads, and the main thread alone:
+        a node's event loop), and the foreign load in cores."""
         per_op = {n: round(1e6 * s / ops, 1) for n, s in self.used.items()} if ops else {}
+        main = {n: round(1e6 * s / ops, 1) for n, s in self.main.items()} if ops else {}
         return {
             "wall_s": round(self.wall, 3),
+            "cores": os.cpu_count() or 1,
             "cpu_s": {n: round(s, 3) for n, s in self.used.items()},
             "cpu_us_per_op": per_op,
+            "main_thread_us_per_op": main,
             "system_share": {
                 n: round(self.system[n] / s, 2) for n, s in self.used.items() if s > 0
             },

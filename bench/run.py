@@ -139,11 +139,13 @@ class Run:
         self,
         name: str,
         pids: dict[str, int],
-        body: Callable[[], Awaitable[LoadResult]],
+        body: Callable[..., Awaitable[LoadResult]],
         **extra: Any,
     ) -> LoadResult:
+        """Run the load ``body(window=meter)``; the CPU is measured over its window only
+        (after the warm-up, before the drain), the window its ``ops`` were counted in."""
         with CpuMeter(pids) as meter:
-            result = await body()
+            result = await body(window=meter)
         entry: dict[str, Any] = {
             "ops": result.ops,
             "rate": round(result.rate, 1),
