@@ -47,13 +47,18 @@ def node_env(pythonpath: str) -> dict[str, str]:
     return env
 
 
-def cpu_times(pid: int) -> tuple[float, float]:
-    """(user, system) CPU seconds of one process (all its threads); zeros once it is gone."""
+def _stat_times(stat: str) -> tuple[float, float]:
+    """(user, system) CPU seconds from a ``/proc`` stat file; zeros once it is gone."""
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(stat).read_text().rsplit(")", 1)[1].split()
     except (FileNotFoundError, ProcessLookupError):
         return 0.0, 0.0
     return int(fields[11]) / CLK_TCK, int(fields[12]) / CLK_TCK
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(user, system) CPU seconds of one process (all its threads); zeros once it is gone."""
+    return _stat_times(f"/proc/{pid}/stat")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -62,13 +67,8 @@ def cpu_seconds(pid: int) -> float:
 
 
 def main_thread_seconds(pid: int) -> float:
-    """utime + stime of a process's main thread (a node's event loop), in seconds; zero
-    once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (FileNotFoundError, ProcessLookupError):
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+    """utime + stime of a process's main thread (a node's event loop), in seconds."""
+    return sum(_stat_times(f"/proc/{pid}/task/{pid}/stat"))
 
 
 def rss_bytes(pid: int) -> dict[str, int]:
