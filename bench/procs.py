@@ -61,11 +61,6 @@ def cpu_times(pid: int) -> tuple[float, float]:
     return _stat_times(f"/proc/{pid}/stat")
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, in seconds."""
-    return sum(cpu_times(pid))
-
-
 def main_thread_seconds(pid: int) -> float:
     """utime + stime of a process's main thread (a node's event loop), in seconds."""
     return sum(_stat_times(f"/proc/{pid}/task/{pid}/stat"))
@@ -118,9 +113,10 @@ class CpuMeter:
     def open(self) -> None:
         """Start (or start again) the interval: a load calls it after its warm-up."""
         self.closed = False
-        self.start = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
-        self.sys0 = {name: cpu_times(pid)[1] for name, pid in self.pids.items()}
-        self.main0 = {name: main_thread_seconds(pid) for name, pid in self.pids.items()}
+        times = self._times()
+        self.start = {n: user + system for n, (user, system, _) in times.items()}
+        self.sys0 = {n: system for n, (_, system, _) in times.items()}
+        self.main0 = {n: main for n, (_, _, main) in times.items()}
         self.busy0 = system_busy_seconds()
         self.t0 = time.perf_counter()
 
@@ -128,11 +124,16 @@ class CpuMeter:
         """End the interval: a load calls it when its measured window ends."""
         self.closed = True
         self.wall = time.perf_counter() - self.t0
-        self.used = {n: cpu_seconds(p) - self.start[n] for n, p in self.pids.items()}
-        self.system = {n: cpu_times(p)[1] - self.sys0[n] for n, p in self.pids.items()}
-        self.main = {n: main_thread_seconds(p) - self.main0[n] for n, p in self.pids.items()}
+        times = self._times()
+        self.used = {n: u + s - self.start[n] for n, (u, s, _) in times.items()}
+        self.system = {n: s - self.sys0[n] for n, (_, s, _) in times.items()}
+        self.main = {n: m - self.main0[n] for n, (_, _, m) in times.items()}
         busy = system_busy_seconds() - self.busy0
         self.foreign = max(0.0, busy - sum(self.used.values()))
+
+    def _times(self) -> dict[str, tuple[float, float, float]]:
+        """(user, system, main thread) CPU seconds of each process: one read of each."""
+        return {n: (*cpu_times(pid), main_thread_seconds(pid)) for n, pid in self.pids.items()}
 
     def summary(self, ops: int) -> dict[str, object]:
         """CPU per process in µs per operation (all threads, and the main thread alone:
