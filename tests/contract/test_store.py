@@ -39,7 +39,9 @@ from worker.errors import (
 )
 from worker.states import TERMINAL, Cause
 from worker.store import SqliteStore
+from worker.store.migrate import setup
 from worker.store.sqlite import migrations
+from worker.store.sqlite_rows import execution_params
 from worker.store.types import (
     Execution,
     ExecutionStore,
@@ -932,6 +934,48 @@ async def test_sqlite_migrations_idempotent(db_path: Path) -> None:
         conn.close()
 
 
+async def test_sqlite_migration_3_keeps_each_history_row(db_path: Path) -> None:
+    """Schema 2 keyed history by execution ID, 3 by the execution's ``ord``: a store made
+    by schema 2 keeps every row, in order, and the rows still go with their execution."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    setup(conn, "normal", 0, migrations()[:2])
+    executions = [new_execution(at=T0) for _ in range(3)]
+    for ord_, e in enumerate(executions, start=10):
+        conn.execute(
+            "INSERT INTO executions (job_id, requester, state, version, update_us, deadline_us,"
+            " last_cause, doc, id, create_us, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+            (*execution_params(e), ord_),
+        )
+        for version in (1, 2):  # rows as schema 2 held them, whatever their states
+            conn.execute(
+                "INSERT INTO history (execution_id, new_version, previous_state, new_state,"
+                " cause, requester, comment, time_us) VALUES (?, ?, 'Created', 'Created', ?,"
+                " 'r', ?, ?)",
+                (e.id, version, f"cause {version}", f"{e.id} v{version}", version),
+            )
+    conn.close()
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        assert await store.pragma("user_version") == migrations()[-1][0]
+        for e in executions:
+            history = await store.get_history(e.id)
+            assert [(h.new_version, h.comment, h.cause) for h in history] == [
+                (1, f"{e.id} v1", "cause 1"),
+                (2, f"{e.id} v2", "cause 2"),
+            ]
+        await store.delete_execution(executions[0].id)  # its history goes with it
+        assert await store.get_history(executions[0].id) == []
+        assert len(await store.get_history(executions[1].id)) == 2
+        new = await created(store)  # and new rows go on from there
+        assert len(await store.get_history(new.id)) == 1
+        assert await store.pragma("integrity_check") == "ok"
+        assert await store.pragma("foreign_key_check") is None
+    finally:
+        await store.close()
+
+
 async def test_sqlite_refuses_newer_schema(db_path: Path) -> None:
     db_path.parent.mkdir(parents=True)
     conn = sqlite3.connect(db_path)
@@ -1235,7 +1279,7 @@ async def test_sqlite_updates_skip_the_read_of_an_execution_it_wrote(
     sqlite_store: SqliteStore,
 ) -> None:
     e = await created(sqlite_store)
-    reads = _count_statements(sqlite_store, "SELECT doc FROM executions")
+    reads = _count_statements(sqlite_store, "SELECT doc")
     r1 = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
     r2 = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED, callback=builder())
     r3 = await move(sqlite_store, e.id, S.CANCELLED, Cause.CANCEL)
@@ -1262,7 +1306,7 @@ async def test_sqlite_update_ignores_a_copy_changed_by_its_holder(
     r1 = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
     r1.execution.spec_hash = "changed by the caller"
     r1.execution.job.Metadata.ClientID = "changed too"
-    reads = _count_statements(sqlite_store, "SELECT doc FROM executions")
+    reads = _count_statements(sqlite_store, "SELECT doc")
     r2 = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED)
     assert len(reads) == 1  # the copy did not match the stored row: read it
     stored = await sqlite_store.get_execution(e.id)

@@ -438,8 +438,9 @@ def snapshot(db_path: Path) -> Snapshot:
         ):
             execs[row[0]] = ExecRec(*row)
         for row in conn.execute(
-            "SELECT execution_id, previous_state, new_state, cause, comment, time_us"
-            " FROM history ORDER BY execution_id, new_version"
+            "SELECT e.id, h.previous_state, h.new_state, h.cause, h.comment, h.time_us"
+            " FROM history AS h JOIN executions AS e ON e.ord = h.execution_ord"
+            " ORDER BY h.execution_ord, h.new_version"
         ):
             if row[0] in execs:
                 execs[row[0]].history.append(HistRec(*row[1:]))

@@ -150,8 +150,9 @@ class SqliteStore:
         self._live: Counter[tuple[str, str]] = Counter()
         # The last version this store wrote of each live execution: an update starts from
         # it instead of reading and decoding the row, if it still encodes to the stored
-        # document (``sqlite_ops.update`` checks that in its UPDATE). Terminal ones leave.
-        self._latest: dict[str, Execution] = {}
+        # document (``sqlite_ops.update`` checks that in its UPDATE), with its ``ord`` (which
+        # keys its history). Terminal ones leave.
+        self._latest: dict[str, tuple[Execution, int]] = {}
 
     @property
     def path(self) -> Path:
@@ -279,20 +280,20 @@ class SqliteStore:
         key = (execution.requester, execution.job_id)
         self._live[key] += 1
         try:
-            stored = await self._write(ops.create, execution, comment)
+            stored, ord_ = await self._write(ops.create, execution, comment)
         except BaseException:
             self._forget(key)
             raise
-        self._remember(stored)
+        self._remember(stored, ord_)
         return stored
 
-    def _remember(self, execution: Execution) -> None:
+    def _remember(self, execution: Execution, ord_: int) -> None:
         if execution.state in TERMINAL:
             self._latest.pop(execution.id, None)
             return
         if len(self._latest) >= LATEST_MAX:  # only a bound: a miss costs one query
             self._latest.clear()
-        self._latest[execution.id] = execution
+        self._latest[execution.id] = (execution, ord_)
 
     def _forget(self, key: tuple[str, str]) -> None:
         self._live[key] -= 1
@@ -319,11 +320,13 @@ class SqliteStore:
         changes = validate_changes(request.changes)
         known = self._latest.get(request.execution_id)
         try:
-            after, row = await self._write(ops.update, request, changes, utc(self._clock()), known)
+            after, row, ord_ = await self._write(
+                ops.update, request, changes, utc(self._clock()), known
+            )
         except BaseException:
             self._latest.pop(request.execution_id, None)
             raise
-        self._remember(after)
+        self._remember(after, ord_)
         if after.state in TERMINAL:
             self._forget((after.requester, after.job_id))
         return UpdateResult(after, row)

@@ -85,12 +85,13 @@ def execution_params(e: Execution) -> tuple[Any, ...]:
     )
 
 
-def insert_history(conn: sqlite3.Connection, h: HistoryEntry) -> None:
+def insert_history(conn: sqlite3.Connection, h: HistoryEntry, ord_: int) -> None:
+    """``h``, a row of the execution whose ``ord`` is ``ord_`` (history is keyed by it)."""
     conn.execute(
-        "INSERT INTO history (execution_id, new_version, previous_state, new_state, cause,"
+        "INSERT INTO history (execution_ord, new_version, previous_state, new_state, cause,"
         " requester, comment, time_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         (
-            h.execution_id,
+            ord_,
             h.new_version,
             h.previous_state.value,
             h.new_state.value,
