@@ -38,6 +38,7 @@ from worker import telemetry
 from worker.connection import flush_subscriptions
 from worker.endpoint import BaseEndpoint
 from worker.errors import NotFoundError, RequestError, WorkerError
+from worker.transport.publisher import HeaderPublisher
 from worker.transport.subjects import ALL, Method, RequestSubject, Subjects, valid_id
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,9 @@ class RequestHandler:
         self._ops: asyncio.Queue[Msg] = asyncio.Queue(QUEUE_LIMIT)
         self._subs: list[Subscription] = []
         self._tasks: list[asyncio.Task[None]] = []
-        self._base_headers = {"Compute-Node-ID": self.node_id, "Compute-Instance-ID": instance_id}
+        self._replies = HeaderPublisher(
+            nc, {"Compute-Node-ID": self.node_id, "Compute-Instance-ID": instance_id}
+        )
         self._recording = telemetry.recording(tracer)
 
     async def start(self) -> None:
@@ -244,10 +247,9 @@ class RequestHandler:
         await self._publish(msg.reply, encode(body), headers)
 
     async def _publish(self, subject: str, body: bytes, extra: dict[str, str]) -> None:
-        headers = {**self._base_headers, **extra}
-        telemetry.inject(headers)
+        headers = telemetry.inject(dict(extra))  # after the node's own headers
         try:
-            await self.nc.publish(subject, body, headers=headers)
+            await self._replies.publish(subject, body, headers)
         except Exception as exc:  # a broken connection: the requester will retry
             log.warning("reply to %s not sent: %r", subject, exc)
 
