@@ -15,6 +15,11 @@ Decoding is two steps. The body is parsed once, untyped, by msgspec; the result 
 The normaliser of each type is compiled once (``schemas._normalise``) and cached, so the
 hot path does no reflection: one dict lookup per key.
 
+Most bodies need neither step: every key is an exact field name and nothing in them reads
+differently in Go. Those are decoded typed, at once, into strict mirrors of the target
+Structs (``schemas._strict``, ~2.5× faster for an AskForBid); any other body fails there
+and takes the two steps, which alone word the errors.
+
 Decoding an :class:`~schemas.compute.AskForBidRequest` (or a bare
 :class:`~schemas.job.Job`) whose job does not fit the v0.3.25 ``model.Job`` explains which
 other Bacalhau job model was sent (v1.x ``tasks[]``, v1.0 ``Spec.EngineSpec``, the legacy
@@ -42,6 +47,7 @@ import msgspec
 from schemas._errors import DecodeError, echo
 from schemas._models import MODEL_CHECKS
 from schemas._normalise import Collision, Norm, normaliser
+from schemas._strict import strict_decoder
 from schemas.compute import AskForBidRequest
 
 __all__ = [
@@ -49,6 +55,7 @@ __all__ = [
     "DecodeError",
     "decode",
     "decode_ask",
+    "decode_full",
     "encode",
     "format_time",
     "parse_time",
@@ -212,6 +219,18 @@ def decode(data: bytes | memoryview, type_: type[T]) -> T:
     Raises :class:`DecodeError` (one-line ``.message``) for anything that is a 400.
     """
     blob = data if type(data) is bytes else bytes(data)
+    fast = strict_decoder(type_)
+    if fast is not None and blob.count(b"{") + blob.count(b"[") <= MAX_DEPTH:
+        try:
+            value: T = fast(blob)  # exact names, nothing Go reads differently (_strict)
+            return value
+        except Exception:
+            pass  # the full path decides, and words the error
+    return decode_full(blob, type_)
+
+
+def decode_full(blob: bytes, type_: type[T]) -> T:
+    """``decode`` without the fast path: parse, normalise, convert."""
     raw, text = _parse(blob)
     norm = normaliser(type_)
     lossy = text is not None
