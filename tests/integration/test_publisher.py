@@ -1,9 +1,11 @@
-"""HeaderPublisher against nats-py's own publish, through a real nats-server: the same
-message arrives (headers, their order, body), and the same errors are raised."""
+"""HeaderPublisher and StreamPublisher against nats-py's own publish and js.publish,
+through a real nats-server: the same message arrives or is stored (headers, their order,
+body), and the same errors are raised."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Mapping
 
 import nats
@@ -11,8 +13,9 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import BadHeaderError, BadSubjectError, ConnectionClosedError, MaxPayloadError
+from nats.js.client import JetStreamContext
 
-from worker.transport.publisher import HeaderPublisher
+from worker.transport.publisher import HeaderPublisher, StreamPublisher
 
 CONSTANT = {"Compute-Node-ID": "n-1", "Compute-Instance-ID": "0b4e8c3a-1f2e"}
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
@@ -97,3 +100,68 @@ async def test_the_same_errors_as_nats_py(nats_url: str) -> None:
 def test_a_bad_constant_header_is_refused_at_once(nc: Client) -> None:
     with pytest.raises(BadHeaderError):
         HeaderPublisher(nc, {"bad name": "x"})
+
+
+# --- StreamPublisher: the outbox's JetStream publish ---------------------------------------
+
+
+async def _stream_pair(
+    nats_url: str, name: str, subjects: list[str]
+) -> tuple[Client, JetStreamContext, StreamPublisher]:
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    with contextlib.suppress(Exception):
+        await js.delete_stream(name)
+    await js.add_stream(name=name, subjects=subjects, storage="memory")
+    publisher = StreamPublisher(client)
+    await publisher.start()
+    return client, js, publisher
+
+
+async def test_a_stream_keeps_what_js_publish_would(nats_url: str) -> None:
+    client, js, publisher = await _stream_pair(nats_url, "PUBT", ["pubt.>"])
+    try:
+        headers = {"Nats-Msg-Id": "e-1:1", "traceparent": TRACE}
+        await js.publish("pubt.a", b'{"n":1}', timeout=5, headers=dict(headers))
+        await publisher.publish(
+            "pubt.a", b'{"n":1}', timeout=5, headers={**headers, "Nats-Msg-Id": "e-1:2"}
+        )
+        # a repeat of a stored message is a success, and the stream keeps one copy
+        await publisher.publish(
+            "pubt.a", b'{"n":1}', timeout=5, headers={**headers, "Nats-Msg-Id": "e-1:2"}
+        )
+        info = await js.stream_info("PUBT")
+        assert info.state.messages == 2
+        theirs, ours = await js.get_msg("PUBT", 1), await js.get_msg("PUBT", 2)
+        assert ours.data == theirs.data == b'{"n":1}'
+        assert ours.headers is not None and theirs.headers is not None
+        assert ours.headers["traceparent"] == theirs.headers["traceparent"] == TRACE
+        assert (theirs.headers["Nats-Msg-Id"], ours.headers["Nats-Msg-Id"]) == ("e-1:1", "e-1:2")
+    finally:
+        await publisher.stop()
+        await client.close()
+
+
+async def test_stream_errors_are_those_of_js_publish(nats_url: str) -> None:
+    client, js, publisher = await _stream_pair(nats_url, "PUBE", ["pube.>"])
+    silent = await client.subscribe("silent.x")  # a responder that never answers
+    try:
+        cases: list[tuple[str, dict[str, str], float]] = [
+            ("nostream.x", {}, 5),  # no stream takes the subject
+            ("pube.x", {"Nats-Expected-Stream": "OTHER"}, 5),  # the stream refuses it
+            ("silent.x", {}, 0.3),  # no answer in time
+        ]
+        for subject, headers, timeout in cases:
+            errors: list[BaseException] = []
+            for send in (js.publish, publisher.publish):
+                with pytest.raises(Exception) as caught:
+                    await send(subject, b"{}", timeout=timeout, headers=dict(headers))
+                errors.append(caught.value)
+            theirs, ours = errors
+            assert type(ours) is type(theirs), subject
+            assert str(ours) == str(theirs), subject
+        assert not publisher._waiting  # nothing left behind by the failures
+    finally:
+        await silent.unsubscribe()
+        await publisher.stop()
+        await client.close()

@@ -20,6 +20,7 @@ from opentelemetry.trace import Tracer
 from worker import telemetry
 from worker.store.types import ExecutionStore, OutboxRow
 from worker.tasks import TaskOwner
+from worker.transport.publisher import StreamPublisher
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,11 @@ class OutboxDispatcher:
         self._idle = asyncio.Event()
         self._idle.set()
         self._sweeper: asyncio.Task[None] | None = None
-        self._js = nc.jetstream() if mode == "jetstream" else None
+        self._stream = StreamPublisher(nc) if mode == "jetstream" else None
 
     async def start(self) -> None:
+        if self._stream is not None:
+            await self._stream.start()
         await self.resend_all()
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="outbox-sweep")
 
@@ -65,6 +68,8 @@ class OutboxDispatcher:
             self._sweeper.cancel()
             await asyncio.gather(self._sweeper, return_exceptions=True)
         await self._owner.shutdown()
+        if self._stream is not None:
+            await self._stream.stop()
 
     def notify(self, row: OutboxRow) -> None:
         """Queue a committed row for delivery (duplicates are ignored)."""
@@ -166,8 +171,8 @@ class OutboxDispatcher:
         parent = telemetry.trace_headers(row.headers)
         with telemetry.producer_span(self.tracer, template, parent, row.link, attributes):
             try:
-                if self._js is not None:
-                    await self._js.publish(
+                if self._stream is not None:
+                    await self._stream.publish(
                         row.subject, row.body, timeout=self.publish_timeout, headers=row.headers
                     )
                 else:
