@@ -24,7 +24,7 @@ from __future__ import annotations
 import types
 import typing
 from collections.abc import Callable
-from typing import Annotated, Any, Final, Union
+from typing import Annotated, Any, Union
 
 import msgspec
 import msgspec.inspect as mi
@@ -36,7 +36,6 @@ class _Refused(Exception):
     """The type has something the fast path would read unlike the full one."""
 
 
-_DefaultNone: Final = None
 _cache: dict[Any, Callable[[bytes], Any] | None] = {}
 
 
@@ -46,8 +45,6 @@ def _mirror(tp: Any, made: dict[type, Any], building: set[type]) -> Any:
         return _mirror_struct(tp, made, building)
     origin = typing.get_origin(tp)
     if origin is None:
-        if tp is Any:
-            return tp
         if tp is msgspec.Raw:
             raise _Refused("Raw")
         return tp
@@ -78,7 +75,7 @@ def _mirror_struct(cls: type[msgspec.Struct], made: dict[type, Any], building: s
     fields: list[tuple[str, Any, Any]] = []
     for f in msgspec.structs.fields(cls):
         hint = hints[f.name]
-        if _is_any(hint) and f.default is not _DefaultNone:
+        if _is_any(hint) and f.default is not None:
             raise _Refused(f"{cls.__name__}.{f.name}: Any with a default other than None")
         if f.default is not msgspec.NODEFAULT:
             spec = msgspec.field(default=f.default, name=f.encode_name)

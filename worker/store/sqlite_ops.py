@@ -109,11 +109,11 @@ def update(
     its ``ord``).
 
     ``known`` is the store's copy of the execution as it last wrote it, with its ``ord``
-    (which never changes). The copy may be out
-    of date (or changed in place by whoever holds it). It is used only if it encodes to
-    exactly the stored document: the UPDATE says so in its WHERE, compared by SQLite in
-    the same statement. Then the stored document decodes to an equal execution and the
-    query and the decoding are skipped. Otherwise the database's copy is read, as always.
+    (which never changes). The copy may be out of date (or changed in place by whoever
+    holds it). It is used only if it encodes to exactly the stored document: the UPDATE
+    says so in its WHERE, compared by SQLite in the same statement. Then the stored
+    document decodes to an equal execution and the query and the decoding are skipped.
+    Otherwise the database's copy is read, as always.
     """
     if known is not None:
         done = _update_known(conn, request, changes, now, known)
