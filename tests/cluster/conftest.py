@@ -37,11 +37,14 @@ import msgspec
 import nats
 import pytest
 from nats.aio.client import Client
+from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import ServiceUnavailableError
 
 from schemas.job import Job
 from tests.conftest import nats_server_bin
+from tests.helpers import assert_eventually
 from worker.config import Config
 from worker.node import Node
 from worker.plugins import Plugins
@@ -570,12 +573,24 @@ async def read_callbacks(nc: Client, requester: str) -> list[StoredCallback]:
         ),
     )
     psub = await js.pull_subscribe_bind(durable=name, stream=STREAM)
+
+    async def fetch() -> tuple[list[Msg] | None]:
+        """(the next messages,), or (None,) when there are no more."""
+        try:
+            return (await psub.fetch(256, timeout=1),)
+        except (NatsTimeout, TimeoutError):  # nats-py raises either: nothing more
+            return (None,)
+        except ServiceUnavailableError as exc:
+            # A consumer just made on a replicated stream answers 503 until its own
+            # leader is elected, which takes longer on a loaded machine: ask again.
+            raise AssertionError(f"consumer {name} not ready: {exc!r}") from exc
+
     out: list[StoredCallback] = []
     try:
         while True:
-            try:
-                msgs = await psub.fetch(256, timeout=1)
-            except (NatsTimeout, TimeoutError):  # nats-py raises either: nothing more
+            batch: tuple[list[Msg] | None] = await assert_eventually(fetch, timeout=15)
+            msgs = batch[0]
+            if msgs is None:
                 break
             for msg in msgs:
                 _, _, _, node, method = msg.subject.split(".", 4)
