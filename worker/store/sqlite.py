@@ -148,10 +148,9 @@ class SqliteStore:
         # that it has none without a thread hop. It may over-count for a moment (then the
         # query answers), never under-count: +1 before a create, -1 once a move is terminal.
         self._live: Counter[tuple[str, str]] = Counter()
-        # The last version this store wrote of each live execution: an update starts from
-        # it instead of reading and decoding the row, if it still encodes to the stored
-        # document (``sqlite_ops.update`` checks that in its UPDATE), with its ``ord`` (which
-        # keys its history). Terminal ones leave.
+        # The last version this store wrote of each live execution, with its ``ord``: an
+        # update starts from it instead of reading and decoding the row, if it still encodes
+        # to the stored document (``sqlite_ops.update`` checks that). Terminal ones leave.
         self._latest: dict[str, tuple[Execution, int]] = {}
 
     @property
@@ -319,10 +318,9 @@ class SqliteStore:
     async def update(self, request: UpdateRequest) -> UpdateResult:
         changes = validate_changes(request.changes)
         known = self._latest.get(request.execution_id)
+        now = utc(self._clock())
         try:
-            after, row, ord_ = await self._write(
-                ops.update, request, changes, utc(self._clock()), known
-            )
+            after, row, ord_ = await self._write(ops.update, request, changes, now, known)
         except BaseException:
             self._latest.pop(request.execution_id, None)
             raise
