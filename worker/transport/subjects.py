@@ -9,6 +9,7 @@ from enum import StrEnum
 from schemas.callbacks import CallbackKind
 
 ALL = "_all"
+PARSED_MAX = 4096
 ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
@@ -47,6 +48,7 @@ class Subjects:
         self.prefix = prefix
         self.node_id = node_id
         self._compute = f"{prefix}.compute."
+        self._parsed: dict[str, RequestSubject | None] = {}
 
     # -- what the node subscribes
     def direct(self) -> str:
@@ -75,7 +77,21 @@ class Subjects:
         return "CALLBACKS_" + self.prefix.replace(".", "_")
 
     def parse(self, subject: str) -> RequestSubject | None:
-        """Split a request subject; None when it is not under ``<p>.compute.``."""
+        """Split a request subject; None when it is not under ``<p>.compute.``.
+
+        A node sees the same few subjects again and again (one per requester and method):
+        they are remembered, up to ``PARSED_MAX`` of them."""
+        try:
+            return self._parsed[subject]
+        except KeyError:
+            pass
+        parsed = self._parse(subject)
+        if len(self._parsed) >= PARSED_MAX:  # only a bound: a miss costs one split
+            self._parsed.clear()
+        self._parsed[subject] = parsed
+        return parsed
+
+    def _parse(self, subject: str) -> RequestSubject | None:
         if not subject.startswith(self._compute):
             return None
         parts = subject[len(self._compute) :].split(".")
