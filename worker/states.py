@@ -115,16 +115,28 @@ def transition(cause: Cause, current: ExecutionState) -> Transition | None:
     return _INDEX.get((cause, current))
 
 
+def _moves_of(cause: Cause) -> list[Transition]:
+    return [t for t in TRANSITIONS if t.cause is cause]
+
+
+# Looked up once per request: read from the table once, here.
+_SINGLE: dict[Cause, Transition | None] = {
+    c: moves[0] if len(moves := _moves_of(c)) == 1 else None for c in Cause
+}
+_SOURCES: dict[Cause, frozenset[ExecutionState]] = {
+    c: frozenset(src for t in _moves_of(c) for src in t.sources) for c in Cause
+}
+
+
 def single_move(cause: Cause) -> Transition | None:
     """The move of ``cause`` when it does not depend on the current state (every cause
     but Cancel), so it can be applied by one compare-and-set on its sources."""
-    moves = {t for t in TRANSITIONS if t.cause is cause}
-    return next(iter(moves)) if len(moves) == 1 else None
+    return _SINGLE[cause]
 
 
 def sources_of(cause: Cause) -> frozenset[ExecutionState]:
     """Every state from which ``cause`` may move an execution."""
-    return frozenset(src for (c, src) in _INDEX if c is cause)
+    return _SOURCES[cause]
 
 
 def is_terminal(state: ExecutionState) -> bool:

@@ -13,8 +13,7 @@ import json
 import os
 import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from typing import IO, Any
 
@@ -168,13 +167,21 @@ def w3c_headers(headers: Mapping[str, str] | None) -> dict[str, str]:
     return out
 
 
-@contextmanager
-def _propagate_only(headers: Mapping[str, str] | None) -> Iterator[Span]:
-    token = _passed.set(w3c_headers(headers))
-    try:
-        yield INVALID_SPAN
-    finally:
-        _passed.reset(token)
+class _PropagateOnly:
+    """Makes a request's trace headers the ones ``inject`` writes, for the ``with`` block
+    (a class: half the cost of a generator's context manager, paid per request)."""
+
+    __slots__ = ("_headers", "_token")
+
+    def __init__(self, headers: Mapping[str, str] | None) -> None:
+        self._headers = headers
+
+    def __enter__(self) -> Span:
+        self._token = _passed.set(w3c_headers(self._headers))
+        return INVALID_SPAN
+
+    def __exit__(self, *exc_info: object) -> None:
+        _passed.reset(self._token)
 
 
 def consumer_span(
@@ -183,7 +190,7 @@ def consumer_span(
     """The CONSUMER span of a request, child of the incoming context; with a no-op tracer
     only the incoming context is made current, so replies and callbacks carry it on."""
     if not recording(tracer):
-        return _propagate_only(headers)
+        return _PropagateOnly(headers)
     return tracer.start_as_current_span(
         f"{template} process",
         context=extract(headers),
