@@ -1030,7 +1030,8 @@ async def test_sqlite_disk_full_is_unavailable(sqlite_store: SqliteStore) -> Non
     pages = await sqlite_store.pragma("page_count")
     await _writer_pragma(sqlite_store, f"PRAGMA max_page_count = {pages + 2}")
     big = new_execution()
-    big.job.Metadata.ClientID = "x" * 20_000  # several pages per row
+    # More pages than the file's free ones (a migration may leave a few) and the 2 allowed.
+    big.job.Metadata.ClientID = "x" * 200_000
     with pytest.raises(StoreUnavailableError, match="full"):
         await sqlite_store.create_execution(big)
     # the failed transaction was rolled back and the store still works
@@ -1039,7 +1040,7 @@ async def test_sqlite_disk_full_is_unavailable(sqlite_store: SqliteStore) -> Non
     assert await sqlite_store.get_executions_for_job(existing.job_id) == [existing]
     await _writer_pragma(sqlite_store, "PRAGMA max_page_count = 1073741823")
     await sqlite_store.create_execution(big)
-    assert (await sqlite_store.get_execution(big.id)).job.Metadata.ClientID == "x" * 20_000
+    assert (await sqlite_store.get_execution(big.id)).job.Metadata.ClientID == "x" * 200_000
     assert await sqlite_store.pragma("integrity_check") == "ok"
 
 

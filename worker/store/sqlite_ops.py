@@ -176,7 +176,7 @@ def find_active(conn: sqlite3.Connection, requester: str, job_id: str) -> Execut
         conn,
         # INDEXED BY: the planner otherwise picks the listing index and scans every
         # execution of the requester (45 ms at 100,000 instead of a few µs).
-        "SELECT doc FROM executions INDEXED BY executions_requester_job"
+        "SELECT doc FROM executions INDEXED BY executions_job"
         f" WHERE requester = ? AND job_id = ? AND {LIVE}"
         " ORDER BY update_us DESC, ord DESC LIMIT 1",
         (requester, job_id),
