@@ -59,8 +59,11 @@ async def serve(config: Config) -> int:
         if code:
             return code
         tune_gc()
+        # The handlers go in before the line that says the node is ready: a supervisor may
+        # send SIGTERM as soon as it reads it, and that must drain, not kill, the node.
+        stop = _on_signals()
         _say(f"NODE_ID={node.node_id}")
-        await _wait_for_signal()
+        await stop.wait()
         log.info("draining")
         await node.drain()
         return 0
@@ -111,8 +114,9 @@ async def _start(node: Node) -> int:
     return 0
 
 
-async def _wait_for_signal() -> None:
-    """Return on the first SIGTERM/SIGINT; a second one exits at once."""
+def _on_signals() -> asyncio.Event:
+    """Handle SIGTERM/SIGINT from now on: the first sets the event returned, a second one
+    exits at once."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 
@@ -124,4 +128,4 @@ async def _wait_for_signal() -> None:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, on_signal, signum)
-    await stop.wait()
+    return stop

@@ -182,6 +182,29 @@ if os.environ.get("RELIABILITY_HOOK") == "1":
         _init(self, handler=handler or _handler)
 
     _noop.NoopEngine.__init__ = _patched
+
+    # RELIABILITY_READY_PAUSE_MS: the process sleeps right after writing its NODE_ID= line,
+    # so a signal sent as soon as the line is read lands while the node is still there.
+    _PAUSE = int(os.environ.get("RELIABILITY_READY_PAUSE_MS", "0")) / 1000
+    if _PAUSE:
+        import sys
+        import time
+
+        class _PausingStdout:
+            def __init__(self, out):
+                self._out = out
+
+            def write(self, text):
+                written = self._out.write(text)
+                if text.startswith("NODE_ID="):
+                    self._out.flush()
+                    time.sleep(_PAUSE)
+                return written
+
+            def __getattr__(self, name):
+                return getattr(self._out, name)
+
+        sys.stdout = _PausingStdout(sys.stdout)
 '''
 
 

@@ -117,6 +117,16 @@ async def test_drain_follows_protocol(
     await final_checks(node, client)
 
 
+async def test_sigterm_right_after_ready_drains(make_node: NodeFactory) -> None:
+    """A supervisor may signal as soon as it reads NODE_ID=: the node drains and exits 0
+    (the handlers are in place before the line is written, not after)."""
+    node = make_node(env={"RELIABILITY_READY_PAUSE_MS": "500"})
+    await node.start("--create-callback-stream")
+    code = await node.sigterm(timeout=30)
+    assert code == 0, (code, node.current_log())
+    assert "draining" in node.current_log()
+
+
 async def test_second_signal_exits_at_once(
     make_node: NodeFactory, requester: Requester, client: Client
 ) -> None:
