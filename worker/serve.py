@@ -33,6 +33,9 @@ def _say(line: str) -> None:
 async def serve(config: Config) -> int:
     """Run a node until SIGTERM/SIGINT drains it; return the exit code."""
     setup_logging(config.log_format, config.log_level)
+    # From the start: a signal during start-up (a supervisor stopping a node that is still
+    # coming up) drains the node as soon as it is up, and the exit code is still 0.
+    stop = _on_signals()
     broker: EmbeddedBroker | None = None
     url = config.nats_url
     node: Node | None = None
@@ -59,10 +62,9 @@ async def serve(config: Config) -> int:
         if code:
             return code
         tune_gc()
-        # The handlers go in before the line that says the node is ready: a supervisor may
-        # send SIGTERM as soon as it reads it, and that must drain, not kill, the node.
-        stop = _on_signals()
         _say(f"NODE_ID={node.node_id}")
+        if stop.is_set():
+            log.info("a signal came during start-up")
         await stop.wait()
         log.info("draining")
         await node.drain()
@@ -115,8 +117,8 @@ async def _start(node: Node) -> int:
 
 
 def _on_signals() -> asyncio.Event:
-    """Handle SIGTERM/SIGINT from now on: the first sets the event returned, a second one
-    exits at once."""
+    """Handle SIGTERM/SIGINT from now on: the first sets the event returned (the node
+    drains, once it is up), a second one exits at once."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
 

@@ -205,6 +205,22 @@ if os.environ.get("RELIABILITY_HOOK") == "1":
                 return getattr(self._out, name)
 
         sys.stdout = _PausingStdout(sys.stdout)
+
+    # RELIABILITY_START_PAUSE_MS: Node.start touches RELIABILITY_START_MARK, then sleeps
+    # before it starts, so a test can signal a node that is still coming up.
+    _START_PAUSE = int(os.environ.get("RELIABILITY_START_PAUSE_MS", "0")) / 1000
+    if _START_PAUSE:
+        from worker import node as _node
+
+        _start = _node.Node.start
+
+        async def _paused_start(self, *args, **kwargs):
+            with open(os.environ["RELIABILITY_START_MARK"], "w"):
+                pass
+            await asyncio.sleep(_START_PAUSE)
+            return await _start(self, *args, **kwargs)
+
+        _node.Node.start = _paused_start
 '''
 
 

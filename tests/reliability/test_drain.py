@@ -13,6 +13,7 @@ import asyncio
 import json
 import signal
 import time
+from pathlib import Path
 
 from nats.aio.client import Client
 from nats.aio.msg import Msg
@@ -125,6 +126,26 @@ async def test_sigterm_right_after_ready_drains(make_node: NodeFactory) -> None:
     code = await node.sigterm(timeout=30)
     assert code == 0, (code, node.current_log())
     assert "draining" in node.current_log()
+
+
+async def test_sigterm_during_start_up_drains_once_up(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """SIGTERM while the node is still starting: it comes up, drains at once, exits 0
+    (not killed by the signal's default action)."""
+    mark = tmp_path / "starting"
+    node = make_node(
+        env={"RELIABILITY_START_PAUSE_MS": "1000", "RELIABILITY_START_MARK": str(mark)}
+    )
+    proc = await node.spawn("--create-callback-stream")
+    await wait_for(mark.exists, timeout=30, what="start-up has begun")
+    proc.send_signal(signal.SIGTERM)
+    code = await node.wait_exit(timeout=60)
+    log = node.current_log()
+    assert code == 0, (code, log)
+    assert "a signal came during start-up" in log and "draining" in log, log
+    assert proc.stdout is not None
+    assert (await proc.stdout.read()).decode().startswith("NODE_ID="), log
 
 
 async def test_second_signal_exits_at_once(
