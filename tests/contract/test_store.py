@@ -39,6 +39,7 @@ from worker.errors import (
 )
 from worker.states import TERMINAL, Cause
 from worker.store import SqliteStore
+from worker.store.common import encode_execution
 from worker.store.migrate import setup
 from worker.store.sqlite import migrations
 from worker.store.sqlite_rows import execution_params
@@ -934,6 +935,54 @@ async def test_sqlite_migrations_idempotent(db_path: Path) -> None:
         conn.close()
 
 
+def insert_before_5(conn: sqlite3.Connection, e: Execution, ord_: int) -> None:
+    """An execution row as schemas 1-4 held it: the whole execution in ``doc``."""
+    conn.execute(
+        "INSERT INTO executions (job_id, requester, state, version, update_us, deadline_us,"
+        " last_cause, doc, id, create_us, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+        (*execution_params(e)[:7], encode_execution(e), e.id, ord_),
+    )
+
+
+async def test_sqlite_migration_5_moves_each_job_apart(db_path: Path) -> None:
+    """Schema 5 keeps each execution's job in ``jobs``: a store made by schema 4 reads
+    back every execution unchanged, its documents no longer carry the job, and updates
+    and deletes go on from there."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    setup(conn, "normal", 0, migrations()[:4])
+    executions = [new_execution(at=T0) for _ in range(3)]
+    for ord_, e in enumerate(executions, start=10):
+        insert_before_5(conn, e, ord_)
+    conn.close()
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        assert await store.pragma("user_version") == migrations()[-1][0]
+        for e in executions:
+            assert await store.get_execution(e.id) == e
+        assert await store.get_executions_for_job(executions[1].job_id) == [executions[1]]
+        moved = await move(store, executions[1].id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
+        assert await store.get_execution(executions[1].id) == moved.execution
+        assert moved.execution.job == executions[1].job
+        await store.delete_execution(executions[0].id)  # its job goes with it
+        assert await store.pragma("integrity_check") == "ok"
+        assert await store.pragma("foreign_key_check") is None
+    finally:
+        await store.close()
+    conn = sqlite3.connect(db_path)
+    try:
+        rows = conn.execute("SELECT id, doc FROM executions ORDER BY ord").fetchall()
+        assert [r[0] for r in rows] == [e.id for e in executions[1:]]
+        assert all(b'"job":null' in r[1] and b"ClientID" not in r[1] for r in rows)
+        assert conn.execute("SELECT execution_ord FROM jobs ORDER BY 1").fetchall() == [
+            (11,),
+            (12,),
+        ]
+    finally:
+        conn.close()
+
+
 async def test_sqlite_migration_3_keeps_each_history_row(db_path: Path) -> None:
     """Schema 2 keyed history by execution ID, 3 by the execution's ``ord``: a store made
     by schema 2 keeps every row, in order, and the rows still go with their execution."""
@@ -942,11 +991,7 @@ async def test_sqlite_migration_3_keeps_each_history_row(db_path: Path) -> None:
     setup(conn, "normal", 0, migrations()[:2])
     executions = [new_execution(at=T0) for _ in range(3)]
     for ord_, e in enumerate(executions, start=10):
-        conn.execute(
-            "INSERT INTO executions (job_id, requester, state, version, update_us, deadline_us,"
-            " last_cause, doc, id, create_us, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
-            (*execution_params(e), ord_),
-        )
+        insert_before_5(conn, e, ord_)
         for version in (1, 2):  # rows as schema 2 held them, whatever their states
             conn.execute(
                 "INSERT INTO history (execution_id, new_version, previous_state, new_state,"
@@ -1314,6 +1359,22 @@ async def test_sqlite_update_ignores_a_copy_changed_by_its_holder(
     assert stored == r2.execution
     assert (stored.spec_hash, stored.job.Metadata.ClientID) == original
     assert stored.version == 3
+
+
+async def test_sqlite_update_ignores_a_job_changed_by_its_holder(
+    sqlite_store: SqliteStore,
+) -> None:
+    """The job is stored apart and never written again, but the store's copy shares it
+    with its holders: one changed in place must not come back from the next update."""
+    e = await created(sqlite_store)
+    original = e.job.Metadata.ClientID
+    r1 = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
+    r1.execution.job.Metadata.ClientID = "changed by the caller"
+    reads = _count_statements(sqlite_store, "SELECT doc")
+    r2 = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED)
+    assert len(reads) == 1  # the copy's job did not match the stored one: read it
+    assert r2.execution.job.Metadata.ClientID == original
+    assert await sqlite_store.get_execution(e.id) == r2.execution
 
 
 async def test_sqlite_update_follows_a_row_changed_behind_its_back(

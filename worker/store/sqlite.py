@@ -57,6 +57,7 @@ from worker.store.common import (
 from worker.store.migrate import migrations, setup, split_statements
 from worker.store.sqlite_inline import InlineWriter
 from worker.store.sqlite_rows import (
+    DOC,
     LIVE,
     OUTBOX_COLUMNS,
     docs,
@@ -148,10 +149,10 @@ class SqliteStore:
         # that it has none without a thread hop. It may over-count for a moment (then the
         # query answers), never under-count: +1 before a create, -1 once a move is terminal.
         self._live: Counter[tuple[str, str]] = Counter()
-        # The last version this store wrote of each live execution, with its ``ord``: an
-        # update starts from it instead of reading and decoding the row, if it still encodes
-        # to the stored document (``sqlite_ops.update`` checks that). Terminal ones leave.
-        self._latest: dict[str, tuple[Execution, int]] = {}
+        # The last version this store wrote of each live execution, with its ``ord`` and
+        # job: an update starts from it instead of reading and decoding the row, if it still
+        # encodes to the stored row (``sqlite_ops.update`` checks that). Terminal ones leave.
+        self._latest: dict[str, ops.Known] = {}
 
     @property
     def path(self) -> Path:
@@ -279,20 +280,21 @@ class SqliteStore:
         key = (execution.requester, execution.job_id)
         self._live[key] += 1
         try:
-            stored, ord_ = await self._write(ops.create, execution, comment)
+            stored = await self._write(ops.create, execution, comment)
         except BaseException:
             self._forget(key)
             raise
-        self._remember(stored, ord_)
-        return stored
+        self._remember(stored)
+        return stored[0]
 
-    def _remember(self, execution: Execution, ord_: int) -> None:
+    def _remember(self, known: ops.Known) -> None:
+        execution = known[0]
         if execution.state in TERMINAL:
             self._latest.pop(execution.id, None)
             return
         if len(self._latest) >= LATEST_MAX:  # only a bound: a miss costs one query
             self._latest.clear()
-        self._latest[execution.id] = (execution, ord_)
+        self._latest[execution.id] = known
 
     def _forget(self, key: tuple[str, str]) -> None:
         self._live[key] -= 1
@@ -304,7 +306,7 @@ class SqliteStore:
 
     async def get_executions_for_job(self, job_id: str) -> list[Execution]:
         return await self._read(
-            docs, "SELECT doc FROM executions WHERE job_id = ? ORDER BY ord", (job_id,)
+            docs, f"SELECT {DOC} FROM executions WHERE job_id = ? ORDER BY ord", (job_id,)
         )
 
     async def find_active(self, requester: str, job_id: str) -> Execution | None:
@@ -320,17 +322,18 @@ class SqliteStore:
         known = self._latest.get(request.execution_id)
         now = utc(self._clock())
         try:
-            after, row, ord_ = await self._write(ops.update, request, changes, now, known)
+            stored, row = await self._write(ops.update, request, changes, now, known)
         except BaseException:
             self._latest.pop(request.execution_id, None)
             raise
-        self._remember(after, ord_)
+        self._remember(stored)
+        after = stored[0]
         if after.state in TERMINAL:
             self._forget((after.requester, after.job_id))
         return UpdateResult(after, row)
 
     async def live_executions(self) -> list[Execution]:
-        return await self._read(docs, f"SELECT doc FROM executions WHERE {LIVE} ORDER BY ord")
+        return await self._read(docs, f"SELECT {DOC} FROM executions WHERE {LIVE} ORDER BY ord")
 
     async def list_executions(self, query: ListQuery) -> tuple[list[Execution], str]:
         check_limit(query.limit)

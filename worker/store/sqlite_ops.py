@@ -23,18 +23,20 @@ from worker.errors import (
 from worker.store.common import (
     apply_update,
     creation_history,
-    decode_execution,
     encode_cursor,
-    encode_execution,
     from_us,
     normalize,
     to_us,
     validate_new,
 )
 from worker.store.sqlite_rows import (
+    DOC,
     LIVE,
     TERMINAL,
+    decode_doc,
     docs,
+    encode_doc,
+    encode_job,
     execution_params,
     insert_history,
     insert_outbox,
@@ -50,6 +52,7 @@ from worker.store.types import (
 )
 
 __all__ = [
+    "Known",
     "changed_rows",
     "create",
     "find_active",
@@ -64,8 +67,13 @@ __all__ = [
 ]
 
 
-def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> tuple[Execution, int]:
-    """Insert ``execution`` and its first history row: (the stored execution, its ``ord``)."""
+# An execution as the store last wrote it, its ``ord`` (which never changes) and its job
+# as stored in ``jobs`` (see ``update``).
+Known = tuple[Execution, int, bytes]
+
+
+def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> Known:
+    """Insert ``execution``, its job and its first history row."""
     try:
         validate_new(execution)
     except (InvalidStateError, VersionMismatchError):
@@ -86,8 +94,10 @@ def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> tupl
         if "executions.id" in str(exc):
             raise AlreadyExistsError(f"execution already exists: {execution.id}") from None
         raise
+    job = encode_job(stored.job)
+    conn.execute("INSERT INTO jobs (execution_ord, job) VALUES (?, ?)", (ord_, job))
     insert_history(conn, creation_history(stored, comment), ord_)
-    return stored, ord_
+    return stored, ord_, job
 
 
 # job_id and requester never change: leaving them out of SET spares SQLite two indexes.
@@ -103,30 +113,30 @@ def update(
     request: UpdateRequest,
     changes: dict[str, Any],
     now: datetime,
-    known: tuple[Execution, int] | None = None,
-) -> tuple[Execution, OutboxRow | None, int]:
-    """Apply ``request`` to the stored execution: (the execution after it, its outbox row,
-    its ``ord``).
+    known: Known | None = None,
+) -> tuple[Known, OutboxRow | None]:
+    """Apply ``request`` to the stored execution: (the execution after it, with its
+    ``ord`` and job; its outbox row).
 
-    ``known`` is the store's copy of the execution as it last wrote it, with its ``ord``
-    (which never changes). The copy may be out of date (or changed in place by whoever
-    holds it). It is used only if it encodes to exactly the stored document: the UPDATE
-    says so in its WHERE, compared by SQLite in the same statement. Then the stored
-    document decodes to an equal execution and the query and the decoding are skipped.
-    Otherwise the database's copy is read, as always.
+    ``known`` is the store's copy of the execution as it last wrote it. The copy may be
+    out of date (or changed in place by whoever holds it). It is used only if it encodes
+    to exactly the stored document and job: the UPDATE says so in its WHERE, compared by
+    SQLite in the same statement (the job, never written again, is compared here). Then
+    the stored row decodes to an equal execution and the query and the decoding are
+    skipped. Otherwise the database's copy is read, as always.
     """
     if known is not None:
         done = _update_known(conn, request, changes, now, known)
         if done is not None:
             return done
     found = conn.execute(
-        "SELECT doc, ord FROM executions WHERE id = ?", (request.execution_id,)
+        f"SELECT {DOC}, ord FROM executions WHERE id = ?", (request.execution_id,)
     ).fetchone()
     if found is None:
         raise ExecutionNotFound(request.execution_id)
-    after, entry, row = apply_update(decode_execution(found[0]), request, changes, now)
+    after, entry, row = apply_update(decode_doc(found[0], found[1]), request, changes, now)
     conn.execute(_UPDATE, execution_params(after)[2:])
-    return _recorded(conn, found[1], after, entry, row)
+    return _recorded(conn, (after, found[2], found[1]), entry, row)
 
 
 def _update_known(
@@ -134,41 +144,42 @@ def _update_known(
     request: UpdateRequest,
     changes: dict[str, Any],
     now: datetime,
-    known: tuple[Execution, int],
-) -> tuple[Execution, OutboxRow | None, int] | None:
+    known: Known,
+) -> tuple[Known, OutboxRow | None] | None:
     """``update`` from ``known``; None when ``known`` is not what is stored (nothing
     written then), or its checks failed (maybe only because it is out of date: the
     caller redoes them on the stored copy)."""
-    execution, ord_ = known
+    execution, ord_, job = known
     try:
-        stored = encode_execution(execution)  # what the row must hold for it to count
+        if encode_job(execution.job) != job:
+            return None
+        stored = encode_doc(execution)  # what the row must hold for it to count
         after, entry, row = apply_update(execution, request, changes, now)
     except Exception:
         return None
     params = execution_params(after)[2:]
     if conn.execute(_UPDATE_KNOWN, (*params, stored)).rowcount != 1:
         return None
-    return _recorded(conn, ord_, after, entry, row)
+    return _recorded(conn, (after, ord_, job), entry, row)
 
 
 def _recorded(
     conn: sqlite3.Connection,
-    ord_: int,
-    after: Execution,
+    after: Known,
     entry: HistoryEntry,
     row: OutboxRow | None,
-) -> tuple[Execution, OutboxRow | None, int]:
-    insert_history(conn, entry, ord_)
+) -> tuple[Known, OutboxRow | None]:
+    insert_history(conn, entry, after[1])
     if row is not None:
         insert_outbox(conn, row)
-    return after, row, ord_
+    return after, row
 
 
 def get(conn: sqlite3.Connection, execution_id: str) -> Execution:
-    found = conn.execute("SELECT doc FROM executions WHERE id = ?", (execution_id,)).fetchone()
+    found = conn.execute(f"SELECT {DOC} FROM executions WHERE id = ?", (execution_id,)).fetchone()
     if found is None:
         raise ExecutionNotFound(execution_id)
-    return decode_execution(found[0])
+    return decode_doc(found[0], found[1])
 
 
 def find_active(conn: sqlite3.Connection, requester: str, job_id: str) -> Execution | None:
@@ -176,7 +187,7 @@ def find_active(conn: sqlite3.Connection, requester: str, job_id: str) -> Execut
         conn,
         # INDEXED BY: the planner otherwise picks the listing index and scans every
         # execution of the requester (45 ms at 100,000 instead of a few µs).
-        "SELECT doc FROM executions INDEXED BY executions_job"
+        f"SELECT {DOC} FROM executions INDEXED BY executions_job"
         f" WHERE requester = ? AND job_id = ? AND {LIVE}"
         " ORDER BY update_us DESC, ord DESC LIMIT 1",
         (requester, job_id),
@@ -223,7 +234,7 @@ def list_page(
         params.extend(after)
     found = docs(
         conn,
-        f"SELECT doc FROM executions WHERE {' AND '.join(where)} ORDER BY update_us, id LIMIT ?",
+        f"SELECT {DOC} FROM executions WHERE {' AND '.join(where)} ORDER BY update_us, id LIMIT ?",
         (*params, query.limit + 1),
     )
     page = found[: query.limit]

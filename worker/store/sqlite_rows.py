@@ -12,15 +12,20 @@ from typing import Any
 
 import msgspec
 
+from schemas.job import Job
 from worker.errors import StoreError, StoreUnavailableError
-from worker.store.common import decode_execution, encode_execution, from_us, to_us
+from worker.store.common import decode_execution, from_us, to_us
 from worker.store.types import Execution, HistoryEntry, OutboxRow
 
 __all__ = [
+    "DOC",
     "LIVE",
     "OUTBOX_COLUMNS",
     "TERMINAL",
+    "decode_doc",
     "docs",
+    "encode_doc",
+    "encode_job",
     "execution_params",
     "insert_history",
     "insert_outbox",
@@ -50,7 +55,15 @@ OUTBOX_COLUMNS = (
     " last_error, link"
 )
 
+# An execution's stored document and its job (``jobs``, 0005), in a query on executions.
+DOC = "doc, (SELECT job FROM jobs WHERE execution_ord = executions.ord)"
+
 _headers_encoder = msgspec.json.Encoder()
+_doc_encoder = msgspec.json.Encoder()
+# Where the job was cut out of a document. `id` comes first and `job` second; the first
+# match is that one, since a quote inside a JSON string is always escaped.
+_NO_JOB = b',"job":null,'
+
 _headers_decoder = msgspec.json.Decoder(dict[str, str])
 
 
@@ -70,6 +83,23 @@ def store_error(exc: sqlite3.Error) -> StoreError:
     return StoreError(f"execution store error: {exc}")
 
 
+def encode_doc(e: Execution) -> bytes:
+    """The stored document: the execution without its job (that is in ``jobs``)."""
+    return _doc_encoder.encode(msgspec.structs.replace(e, job=None))
+
+
+def encode_job(job: Job) -> bytes:
+    return _doc_encoder.encode(job)
+
+
+def decode_doc(doc: bytes, job: bytes | None) -> Execution:
+    """The execution from its stored document and its job."""
+    head, slot, tail = doc.partition(_NO_JOB)
+    if not slot or job is None:
+        raise msgspec.DecodeError("stored execution without its job")
+    return decode_execution(b"".join((head, b',"job":', job, b",", tail)))
+
+
 def execution_params(e: Execution) -> tuple[Any, ...]:
     deadline = to_us(e.deadline) if e.deadline is not None else None
     return (
@@ -80,7 +110,7 @@ def execution_params(e: Execution) -> tuple[Any, ...]:
         to_us(e.update_time),
         deadline,
         e.last_cause,
-        encode_execution(e),
+        encode_doc(e),
         e.id,
     )
 
@@ -137,4 +167,5 @@ def outbox_row(r: tuple[Any, ...]) -> OutboxRow:
 
 
 def docs(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[Execution]:
-    return [decode_execution(r[0]) for r in conn.execute(sql, params)]
+    """The executions a query selecting ``DOC`` found."""
+    return [decode_doc(r[0], r[1]) for r in conn.execute(sql, params)]
