@@ -983,6 +983,51 @@ async def test_sqlite_migration_5_moves_each_job_apart(db_path: Path) -> None:
         conn.close()
 
 
+async def test_sqlite_migration_6_keys_the_outbox_by_ord(db_path: Path) -> None:
+    """Schema 6 keys the outbox by the execution's ``ord``: a store made before keeps
+    every callback, delivered, parked or pending, and the dispatcher's operations go on."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    setup(conn, "normal", 0, migrations()[:4])
+    executions = [new_execution(at=T0) for _ in range(2)]
+    for ord_, e in enumerate(executions, start=10):
+        insert_before_5(conn, e, ord_)
+        for seq, delivered, parked in ((1, 1, 0), (2, 0, 1), (3, 0, 0)):
+            conn.execute(
+                "INSERT INTO outbox (execution_id, seq, subject, kind, body, headers,"
+                " created_us, attempts, parked, delivered, last_error, link)"
+                " VALUES (?, ?, 's', 'k', ?, '{}', ?, 1, ?, ?, 'e', '{}')",
+                (e.id, seq, b"body %d" % seq, seq, parked, delivered),
+            )
+    conn.close()
+    first, second = (e.id for e in executions)
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        assert await store.pragma("user_version") == migrations()[-1][0]
+        for e in executions:
+            rows = await store.get_callbacks(e.id)
+            assert [(r.execution_id, r.seq, r.delivered, r.parked, r.body) for r in rows] == [
+                (e.id, 1, True, False, b"body 1"),
+                (e.id, 2, False, True, b"body 2"),
+                (e.id, 3, False, False, b"body 3"),
+            ]
+        pending = [(r.execution_id, r.seq) for r in await store.pending_outbox()]
+        assert pending == sorted([(first, 2), (second, 2)]) + sorted([(first, 3), (second, 3)])
+        await store.mark_delivered(first, 3)
+        await store.record_attempt(second, 3, "down", park=True)
+        assert (await store.outbox_stats()).pending == 3
+        assert [(r.seq, r.delivered) for r in await store.get_callbacks(first)][2] == (3, True)
+        assert (await store.get_callbacks(second))[2].last_error == "down"
+        await store.delete_execution(first)  # its callbacks go with it
+        assert await store.get_callbacks(first) == []
+        assert len(await store.get_callbacks(second)) == 3
+        assert await store.pragma("integrity_check") == "ok"
+        assert await store.pragma("foreign_key_check") is None
+    finally:
+        await store.close()
+
+
 async def test_sqlite_migration_3_keeps_each_history_row(db_path: Path) -> None:
     """Schema 2 keyed history by execution ID, 3 by the execution's ``ord``: a store made
     by schema 2 keeps every row, in order, and the rows still go with their execution."""

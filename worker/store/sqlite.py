@@ -60,6 +60,7 @@ from worker.store.sqlite_rows import (
     DOC,
     LIVE,
     OUTBOX_COLUMNS,
+    OUTBOX_ROW,
     docs,
     is_unavailable,
     outbox_row,
@@ -343,7 +344,8 @@ class SqliteStore:
     async def get_callbacks(self, execution_id: str) -> list[OutboxRow]:
         rows = await self._read(
             lambda c: c.execute(
-                f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE execution_id = ? ORDER BY seq",
+                f"SELECT {OUTBOX_COLUMNS} FROM outbox"
+                " WHERE execution_ord = (SELECT ord FROM executions WHERE id = ?) ORDER BY seq",
                 (execution_id,),
             ).fetchall()
         )
@@ -363,7 +365,7 @@ class SqliteStore:
     async def mark_delivered(self, execution_id: str, seq: int) -> None:
         await self._write(
             ops.changed_rows,
-            "UPDATE outbox SET delivered = 1, parked = 0 WHERE execution_id = ? AND seq = ?",
+            f"UPDATE outbox SET delivered = 1, parked = 0 WHERE {OUTBOX_ROW}",
             (execution_id, seq),
         )
 
@@ -371,7 +373,7 @@ class SqliteStore:
         await self._write(
             ops.changed_rows,
             "UPDATE outbox SET attempts = attempts + 1, last_error = ?, parked = (parked OR ?)"
-            " WHERE execution_id = ? AND seq = ? AND delivered = 0",
+            f" WHERE {OUTBOX_ROW} AND delivered = 0",
             (error, park, execution_id, seq),
         )
 

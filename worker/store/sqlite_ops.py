@@ -171,7 +171,7 @@ def _recorded(
 ) -> tuple[Known, OutboxRow | None]:
     insert_history(conn, entry, after[1])
     if row is not None:
-        insert_outbox(conn, row)
+        insert_outbox(conn, row, after[1])
     return after, row
 
 
@@ -274,7 +274,7 @@ def purge(conn: sqlite3.Connection, cutoff_us: int, tombstones_us: int, now_us: 
     doomed = conn.execute(
         "SELECT id, job_id, requester, state, last_cause FROM executions AS e"
         f" WHERE {TERMINAL} AND update_us < ? AND NOT EXISTS (SELECT 1 FROM outbox AS o"
-        " WHERE o.execution_id = e.id AND o.delivered = 0) ORDER BY update_us, id",
+        " WHERE o.execution_ord = e.ord AND o.delivered = 0) ORDER BY update_us, id",
         (cutoff_us,),
     ).fetchall()
     conn.executemany(

@@ -21,6 +21,7 @@ __all__ = [
     "DOC",
     "LIVE",
     "OUTBOX_COLUMNS",
+    "OUTBOX_ROW",
     "TERMINAL",
     "decode_doc",
     "docs",
@@ -133,10 +134,18 @@ def insert_history(conn: sqlite3.Connection, h: HistoryEntry, ord_: int) -> None
     )
 
 
-def insert_outbox(conn: sqlite3.Connection, row: OutboxRow) -> None:
+# The outbox row of an execution's callback, by the execution's ID (rows are keyed by its
+# ``ord``, 0006).
+OUTBOX_ROW = "execution_ord = (SELECT ord FROM executions WHERE id = ?) AND seq = ?"
+
+
+def insert_outbox(conn: sqlite3.Connection, row: OutboxRow, ord_: int) -> None:
+    """``row``, a callback of the execution whose ``ord`` is ``ord_``."""
     conn.execute(
-        f"INSERT INTO outbox ({OUTBOX_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, 0, '', ?)",
+        f"INSERT INTO outbox (execution_ord, {OUTBOX_COLUMNS})"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, 0, 0, '', ?)",
         (
+            ord_,
             row.execution_id,
             row.seq,
             row.subject,
