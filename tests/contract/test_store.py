@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pytest
+from msgspec.structs import replace as dataclass_replace
 
 import worker.store.sqlite as sqlite_module
 import worker.store.sqlite_wal as sqlite_wal
@@ -39,7 +40,7 @@ from worker.errors import (
 )
 from worker.states import TERMINAL, Cause
 from worker.store import SqliteStore
-from worker.store.common import encode_execution
+from worker.store.common import encode_execution, to_us
 from worker.store.migrate import setup
 from worker.store.sqlite import migrations
 from worker.store.sqlite_rows import execution_params
@@ -1025,6 +1026,42 @@ async def test_sqlite_migration_6_keys_the_outbox_by_ord(db_path: Path) -> None:
         assert await store.pragma("integrity_check") == "ok"
         assert await store.pragma("foreign_key_check") is None
     finally:
+        await store.close()
+
+
+async def test_sqlite_migration_7_dates_the_end_of_terminal_executions(db_path: Path) -> None:
+    """Schema 7 finds live and terminal executions by ``ended_us``, set by the move that
+    ends one: a store made before knows which are which, and moves go on setting it."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    setup(conn, "normal", 0, migrations()[:4])
+    created_, running, done = (new_execution(at=T0) for _ in range(3))
+    running = dataclass_replace(running, state=S.RUNNING, version=3)
+    done = dataclass_replace(done, state=S.COMPLETED, version=7)
+    for ord_, e in enumerate((created_, running, done), start=10):
+        insert_before_5(conn, e, ord_)
+    conn.close()
+    clock = ManualClock()
+    clock.set(T0 + timedelta(seconds=10))
+    store = SqliteStore(db_path, clock=clock)
+    await store.open()
+    reader = sqlite3.connect(db_path)
+    try:
+        assert [e.id for e in await store.live_executions()] == [created_.id, running.id]
+        await move(store, running.id, S.WAITING_VERIFICATION, Cause.RUN_COMPLETED)
+        await move(store, created_.id, S.CANCELLED, Cause.CANCEL)
+        ended = dict(reader.execute("SELECT id, ended_us FROM executions").fetchall())
+        assert ended == {
+            created_.id: to_us(T0 + timedelta(seconds=10)),  # the cancel's time
+            running.id: None,
+            done.id: to_us(T0),  # its last update time, from before schema 7
+        }
+        assert [e.id for e in await store.live_executions()] == [running.id]
+        assert await store.purge(T0 + timedelta(seconds=5), T0) == [done.id]
+        assert await store.purge(T0 + timedelta(seconds=11), T0) == [created_.id]
+        assert await store.pragma("integrity_check") == "ok"
+    finally:
+        reader.close()
         await store.close()
 
 

@@ -20,6 +20,7 @@ from worker.errors import (
     InvalidStateError,
     VersionMismatchError,
 )
+from worker.states import TERMINAL as TERMINAL_STATES
 from worker.store.common import (
     apply_update,
     creation_history,
@@ -101,11 +102,29 @@ def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> Know
 
 
 # job_id and requester never change: leaving them out of SET spares SQLite two indexes.
-_UPDATE = (
-    "UPDATE executions SET state = ?, version = ?, update_us = ?,"
-    " deadline_us = ?, last_cause = ?, doc = ? WHERE id = ?"
+# ended_us is set only by the move into a terminal state: the indexes that read it are
+# written then, not on every update (0007). Keyed by (ends, guarded).
+_SET = (
+    "UPDATE executions SET state = ?, version = ?, update_us = ?, deadline_us = ?,"
+    " last_cause = ?, doc = ?"
 )
-_UPDATE_KNOWN = _UPDATE + " AND doc = ?"  # only if the stored document is this one
+_UPDATES = {
+    (False, False): _SET + " WHERE id = ?",
+    (True, False): _SET + ", ended_us = ? WHERE id = ?",
+    (False, True): _SET + " WHERE id = ? AND doc = ?",  # only if the stored document is this
+    (True, True): _SET + ", ended_us = ? WHERE id = ? AND doc = ?",
+}
+
+
+def _write_row(conn: sqlite3.Connection, after: Execution, guard: bytes | None = None) -> int:
+    """UPDATE the row of ``after`` (if ``guard``, only where the stored document is it):
+    the number of rows changed."""
+    p = execution_params(after)
+    ends = after.state in TERMINAL_STATES
+    params = (*p[2:8], p[4], p[8]) if ends else p[2:]
+    if guard is not None:
+        params = (*params, guard)
+    return conn.execute(_UPDATES[ends, guard is not None], params).rowcount
 
 
 def update(
@@ -135,7 +154,7 @@ def update(
     if found is None:
         raise ExecutionNotFound(request.execution_id)
     after, entry, row = apply_update(decode_doc(found[0], found[1]), request, changes, now)
-    conn.execute(_UPDATE, execution_params(after)[2:])
+    _write_row(conn, after)
     return _recorded(conn, (after, found[2], found[1]), entry, row)
 
 
@@ -157,8 +176,7 @@ def _update_known(
         after, entry, row = apply_update(execution, request, changes, now)
     except Exception:
         return None
-    params = execution_params(after)[2:]
-    if conn.execute(_UPDATE_KNOWN, (*params, stored)).rowcount != 1:
+    if _write_row(conn, after, stored) != 1:
         return None
     return _recorded(conn, (after, ord_, job), entry, row)
 
@@ -273,8 +291,8 @@ def tombstone(conn: sqlite3.Connection, execution_id: str) -> Tombstone | None:
 def purge(conn: sqlite3.Connection, cutoff_us: int, tombstones_us: int, now_us: int) -> list[str]:
     doomed = conn.execute(
         "SELECT id, job_id, requester, state, last_cause FROM executions AS e"
-        f" WHERE {TERMINAL} AND update_us < ? AND NOT EXISTS (SELECT 1 FROM outbox AS o"
-        " WHERE o.execution_ord = e.ord AND o.delivered = 0) ORDER BY update_us, id",
+        f" WHERE {TERMINAL} AND ended_us < ? AND NOT EXISTS (SELECT 1 FROM outbox AS o"
+        " WHERE o.execution_ord = e.ord AND o.delivered = 0) ORDER BY ended_us, id",
         (cutoff_us,),
     ).fetchall()
     conn.executemany(

@@ -48,9 +48,9 @@ _UNAVAILABLE_CODES = frozenset(
 )
 _UNAVAILABLE_TEXTS = ("database or disk is full", "database is locked", "readonly database")
 
-# Must match the WHERE of the partial indexes in 0001_init.sql word for word.
-LIVE = "state NOT IN ('Completed', 'Failed', 'Cancelled')"
-TERMINAL = "state IN ('Completed', 'Failed', 'Cancelled')"
+# Must match the WHERE of the partial indexes in 0007_ended_us.sql word for word.
+LIVE = "ended_us IS NULL"
+TERMINAL = "ended_us IS NOT NULL"
 OUTBOX_COLUMNS = (
     "execution_id, seq, subject, kind, body, headers, created_us, attempts, parked, delivered,"
     " last_error, link"
