@@ -1,5 +1,6 @@
 """``python -m bench run [--quick] [--out FILE]`` · ``python -m bench compare A.json B.json``
-· ``python -m bench profile SCENARIO`` (see bench/README.md)."""
+· ``python -m bench profile SCENARIO`` · ``python -m bench walmap SCENARIO`` (see
+bench/README.md)."""
 
 from __future__ import annotations
 
@@ -100,6 +101,14 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--rev", default="")
     prof.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
 
+    wal = sub.add_parser("walmap", help="which tables and indexes a node's commits write")
+    wal.add_argument("scenario", choices=("ask", "e2e"))
+    wal.add_argument("--ops", type=int, default=3000, help="operations measured")
+    wal.add_argument("--warmup", type=int, default=5000, help="operations before them")
+    wal.add_argument("--out", type=Path, help="output file (default bench/results/walmap-…)")
+    wal.add_argument("--worker-tree", default="")
+    wal.add_argument("--rev", default="")
+
     args = parser.parse_args(argv)
     if args.command == "compare":
         from bench.report import compare
@@ -127,6 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             out = args.out or RESULTS / f"profile-{args.scenario}-{stamp}"
             return asyncio.run(
                 profile(args.scenario, seconds=args.seconds, out=out, tree=tree, gil=args.gil)
+            )
+        if args.command == "walmap":
+            from bench.walmap import walmap
+
+            out = args.out or RESULTS / f"walmap-{args.scenario}-{stamp}.txt"
+            return asyncio.run(
+                walmap(args.scenario, ops=args.ops, warmup=args.warmup, tree=tree, out=out)
             )
         from bench.run import main as run_main
 

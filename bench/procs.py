@@ -251,6 +251,7 @@ class NodeProc:
     sync: str = "normal"
     extra: list[str] = field(default_factory=list)
     pythonpath: str = ""  # another source tree of the node (before/after comparisons)
+    python_code: str = ""  # run the command by ``python -c`` this instead of ``-m worker``
     proc: asyncio.subprocess.Process | None = None
     startup_s: float = 0.0  # exec → NODE_ID line
     stderr_path: Path | None = None
@@ -263,8 +264,7 @@ class NodeProc:
     def args(self) -> list[str]:
         return [
             sys.executable,
-            "-m",
-            "worker",
+            *(("-c", self.python_code) if self.python_code else ("-m", "worker")),
             "serve",
             "--nats-url",
             self.url,
