@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import re
 import sqlite3
 import threading
@@ -1063,6 +1064,32 @@ async def test_sqlite_migration_7_dates_the_end_of_terminal_executions(db_path: 
     finally:
         reader.close()
         await store.close()
+
+
+async def test_sqlite_upgrade_is_logged_migration_by_migration(
+    db_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Upgrading a store that has data logs each migration, its time and what it does (some
+    take seconds on a big store, while the node is not up); a new store logs none."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    setup(conn, "normal", 0, migrations()[:4])
+    insert_before_5(conn, new_execution(at=T0), 1)
+    conn.close()
+    caplog.set_level(logging.INFO, logger="worker.store.migrate")
+    store = SqliteStore(db_path)
+    await store.open()
+    await store.close()
+    upgrades = [r.getMessage() for r in caplog.records if r.name == "worker.store.migrate"]
+    assert [m.split(" in ")[0] for m in upgrades] == [
+        f"store upgraded to schema {n}" for n, _ in migrations()[4:]
+    ]
+    assert "each execution's job in a table of its own" in upgrades[0]
+    caplog.clear()
+    fresh = SqliteStore(db_path.parent / "fresh.db")
+    await fresh.open()
+    await fresh.close()
+    assert not [r for r in caplog.records if r.name == "worker.store.migrate"]
 
 
 async def test_sqlite_migration_3_keeps_each_history_row(db_path: Path) -> None:

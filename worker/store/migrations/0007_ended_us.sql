@@ -1,5 +1,4 @@
--- 0007: the live and terminal indexes on a column only the move into a terminal state
--- writes.
+-- 0007: the live and terminal indexes on `ended_us`, which only the ending move writes.
 --
 -- Their WHERE read `state` and `executions_terminal` held `update_us`, which every update
 -- sets: SQLite rewrote both indexes' entries on every update of an execution, half the
