@@ -946,17 +946,23 @@ def insert_before_5(conn: sqlite3.Connection, e: Execution, ord_: int) -> None:
     )
 
 
+def schema_4_store(db_path: Path, executions: list[Execution]) -> sqlite3.Connection:
+    """A store file as schema 4 left it, holding ``executions`` (``ord`` 10, 11, …); its
+    connection stays open for more rows."""
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    setup(conn, "normal", 0, migrations()[:4])
+    for ord_, e in enumerate(executions, start=10):
+        insert_before_5(conn, e, ord_)
+    return conn
+
+
 async def test_sqlite_migration_5_moves_each_job_apart(db_path: Path) -> None:
     """Schema 5 keeps each execution's job in ``jobs``: a store made by schema 4 reads
     back every execution unchanged, its documents no longer carry the job, and updates
     and deletes go on from there."""
-    db_path.parent.mkdir(parents=True)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    setup(conn, "normal", 0, migrations()[:4])
     executions = [new_execution(at=T0) for _ in range(3)]
-    for ord_, e in enumerate(executions, start=10):
-        insert_before_5(conn, e, ord_)
-    conn.close()
+    schema_4_store(db_path, executions).close()
     store = SqliteStore(db_path)
     await store.open()
     try:
@@ -988,12 +994,9 @@ async def test_sqlite_migration_5_moves_each_job_apart(db_path: Path) -> None:
 async def test_sqlite_migration_6_keys_the_outbox_by_ord(db_path: Path) -> None:
     """Schema 6 keys the outbox by the execution's ``ord``: a store made before keeps
     every callback, delivered, parked or pending, and the dispatcher's operations go on."""
-    db_path.parent.mkdir(parents=True)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    setup(conn, "normal", 0, migrations()[:4])
     executions = [new_execution(at=T0) for _ in range(2)]
-    for ord_, e in enumerate(executions, start=10):
-        insert_before_5(conn, e, ord_)
+    conn = schema_4_store(db_path, executions)
+    for e in executions:
         for seq, delivered, parked in ((1, 1, 0), (2, 0, 1), (3, 0, 0)):
             conn.execute(
                 "INSERT INTO outbox (execution_id, seq, subject, kind, body, headers,"
@@ -1033,15 +1036,10 @@ async def test_sqlite_migration_6_keys_the_outbox_by_ord(db_path: Path) -> None:
 async def test_sqlite_migration_7_dates_the_end_of_terminal_executions(db_path: Path) -> None:
     """Schema 7 finds live and terminal executions by ``ended_us``, set by the move that
     ends one: a store made before knows which are which, and moves go on setting it."""
-    db_path.parent.mkdir(parents=True)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    setup(conn, "normal", 0, migrations()[:4])
     created_, running, done = (new_execution(at=T0) for _ in range(3))
     running = dataclass_replace(running, state=S.RUNNING, version=3)
     done = dataclass_replace(done, state=S.COMPLETED, version=7)
-    for ord_, e in enumerate((created_, running, done), start=10):
-        insert_before_5(conn, e, ord_)
-    conn.close()
+    schema_4_store(db_path, [created_, running, done]).close()
     clock = ManualClock()
     clock.set(T0 + timedelta(seconds=10))
     store = SqliteStore(db_path, clock=clock)
@@ -1071,11 +1069,7 @@ async def test_sqlite_upgrade_is_logged_migration_by_migration(
 ) -> None:
     """Upgrading a store that has data logs each migration, its time and what it does (some
     take seconds on a big store, while the node is not up); a new store logs none."""
-    db_path.parent.mkdir(parents=True)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    setup(conn, "normal", 0, migrations()[:4])
-    insert_before_5(conn, new_execution(at=T0), 1)
-    conn.close()
+    schema_4_store(db_path, [new_execution(at=T0)]).close()
     caplog.set_level(logging.INFO, logger="worker.store.migrate")
     store = SqliteStore(db_path)
     await store.open()
