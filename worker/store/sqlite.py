@@ -59,11 +59,10 @@ from worker.store.sqlite_inline import InlineWriter
 from worker.store.sqlite_rows import (
     DOC,
     LIVE,
-    OUTBOX_COLUMNS,
     OUTBOX_ROW,
     docs,
     is_unavailable,
-    outbox_row,
+    outbox_rows,
     store_error,
 )
 from worker.store.sqlite_thread import MAX_BATCH, WriterThread
@@ -342,25 +341,17 @@ class SqliteStore:
         return await self._read(ops.list_page, query, after)
 
     async def get_callbacks(self, execution_id: str) -> list[OutboxRow]:
-        rows = await self._read(
-            lambda c: c.execute(
-                f"SELECT {OUTBOX_COLUMNS} FROM outbox"
-                " WHERE execution_ord = (SELECT ord FROM executions WHERE id = ?) ORDER BY seq",
-                (execution_id,),
-            ).fetchall()
+        return await self._read(
+            outbox_rows,
+            "execution_ord = (SELECT ord FROM executions WHERE id = ?) ORDER BY seq",
+            (execution_id,),
         )
-        return [outbox_row(r) for r in rows]
 
     async def pending_outbox(self, limit: int = 1000) -> list[OutboxRow]:
         check_limit(limit)
-        rows = await self._read(
-            lambda c: c.execute(
-                f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE delivered = 0"
-                " ORDER BY created_us, seq, execution_id LIMIT ?",
-                (limit,),
-            ).fetchall()
+        return await self._read(
+            outbox_rows, "delivered = 0 ORDER BY created_us, seq, execution_id LIMIT ?", (limit,)
         )
-        return [outbox_row(r) for r in rows]
 
     async def mark_delivered(self, execution_id: str, seq: int) -> None:
         await self._write(

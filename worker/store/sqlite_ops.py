@@ -119,9 +119,9 @@ _UPDATES = {
 def _write_row(conn: sqlite3.Connection, after: Execution, guard: bytes | None = None) -> int:
     """UPDATE the row of ``after`` (if ``guard``, only where the stored document is it):
     the number of rows changed."""
-    p = execution_params(after)
+    p = execution_params(after)  # job_id, requester, state … doc, id: SET from state on
     ends = after.state in TERMINAL_STATES
-    params = (*p[2:8], p[4], p[8]) if ends else p[2:]
+    params = (*p[2:8], p[4], p[8]) if ends else p[2:]  # ended_us = its update_us
     if guard is not None:
         params = (*params, guard)
     return conn.execute(_UPDATES[ends, guard is not None], params).rowcount

@@ -32,6 +32,7 @@ __all__ = [
     "insert_outbox",
     "is_unavailable",
     "outbox_row",
+    "outbox_rows",
     "store_error",
 ]
 
@@ -156,6 +157,12 @@ def insert_outbox(conn: sqlite3.Connection, row: OutboxRow, ord_: int) -> None:
             _headers_encoder.encode(row.link).decode(),
         ),
     )
+
+
+def outbox_rows(conn: sqlite3.Connection, where: str, params: Sequence[Any]) -> list[OutboxRow]:
+    """The outbox rows ``WHERE where`` (an ORDER BY and LIMIT may follow) selects."""
+    sql = f"SELECT {OUTBOX_COLUMNS} FROM outbox WHERE {where}"
+    return [outbox_row(r) for r in conn.execute(sql, params)]
 
 
 def outbox_row(r: tuple[Any, ...]) -> OutboxRow:
