@@ -8,8 +8,8 @@ frame is a page write on the event loop at commit, and one more when a checkpoin
 it: fewer pages per operation is less work and less I/O.
 
 The two changes this found: the job in every execution document (a row that big takes a
-page of its own, rewritten by each update) and indexes keyed on random execution IDs
-(a random leaf per row); see ``worker/store/migrations/0005`` to ``0007``.
+page of its own, rewritten by each update) and the outbox keyed on random execution IDs
+(a random leaf per row); see ``worker/store/migrations/0005`` and ``0006``.
 """
 
 from __future__ import annotations
