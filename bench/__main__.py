@@ -100,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     prof.add_argument("--worker-tree", default="")
     prof.add_argument("--rev", default="")
     prof.add_argument("--gil", action="store_true", help="sample only the thread holding the GIL")
+    prof.add_argument(
+        "--native", action="store_true", help="also sample with Linux perf: time per binary"
+    )
 
     wal = sub.add_parser("walmap", help="which tables and indexes a node's commits write")
     wal.add_argument("scenario", choices=("ask", "e2e"))
@@ -135,7 +138,14 @@ def main(argv: list[str] | None = None) -> int:
 
             out = args.out or RESULTS / f"profile-{args.scenario}-{stamp}"
             return asyncio.run(
-                profile(args.scenario, seconds=args.seconds, out=out, tree=tree, gil=args.gil)
+                profile(
+                    args.scenario,
+                    seconds=args.seconds,
+                    out=out,
+                    tree=tree,
+                    gil=args.gil,
+                    native=args.native,
+                )
             )
         if args.command == "walmap":
             from bench.walmap import walmap

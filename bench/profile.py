@@ -1,9 +1,13 @@
 """``python -m bench profile SCENARIO``: one node (ten for ``fanout``) under one load while
 py-spy samples it from outside. Writes ``<out>.txt`` (collapsed
 stacks, for flamegraph.pl or speedscope) and ``<out>.top.txt`` (the functions by inclusive
-and own time).
+and own time). With ``--native``, Linux ``perf`` samples the same process at the same
+time and ``<out>.native.txt`` says which binaries the CPU time went to (the interpreter,
+SQLite, the kernel, msgspec …) and their busiest symbols: where py-spy sees a Python line,
+this tells whether it was Python or C work (which another thread could take, off the GIL).
 
-py-spy is not a dependency of the project: ``.venv/bin/pip install py-spy``.
+py-spy is not a dependency of the project: ``.venv/bin/pip install py-spy``; ``perf`` comes
+from Debian's ``linux-perf``.
 Profiled runs are slower than measured ones: use them for where the time goes, not for
 figures.
 """
@@ -34,6 +38,32 @@ def _py_spy() -> str:
     if found is None:
         raise SystemExit("py-spy not found: .venv/bin/pip install py-spy")
     return found
+
+
+def _perf() -> str:
+    found = shutil.which("perf")
+    if found is None:
+        raise SystemExit("perf not found (--native): apt-get install linux-perf")
+    return found
+
+
+def native_summary(data: Path, top: int = 30) -> str:
+    """``perf report`` of ``data``: the share of each binary, then of each symbol."""
+    perf = _perf()
+
+    def report(sort: str, limit: int) -> list[str]:
+        done = subprocess.run(
+            [perf, "report", "-i", str(data), "--stdio", "-g", "none", "--sort", sort],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        rows = [r for r in done.stdout.splitlines() if r.strip() and not r.startswith("#")]
+        return [r.rstrip() for r in rows[:limit]]
+
+    lines = ["== by binary (perf; all threads of the node)", *report("dso", 15)]
+    lines += ["", "== by symbol", *report("dso,sym", top)]
+    return "\n".join(lines) + "\n"
 
 
 def summarize(collapsed: Path, top: int = 45) -> str:
@@ -76,8 +106,11 @@ def summarize(collapsed: Path, top: int = 45) -> str:
     return "\n".join(lines) + "\n"
 
 
-async def profile(scenario: str, *, seconds: float, out: Path, tree: str, gil: bool = False) -> int:
+async def profile(
+    scenario: str, *, seconds: float, out: Path, tree: str, gil: bool = False, native: bool = False
+) -> int:
     spy = _py_spy()
+    perf = _perf() if native else ""
     root = Path(tempfile.mkdtemp(prefix="bench-profile-"))
     server = NatsServer(root / "nats")
     url = server.start()
@@ -113,9 +146,25 @@ async def profile(scenario: str, *, seconds: float, out: Path, tree: str, gil: b
                 str(raw),
                 "--pid",
                 str(target.pid),
+                *(("--gil",) if gil else ()),
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+        )
+        perf_data = out.with_suffix(".perf.data")
+        recorder = (
+            subprocess.Popen(
+                # No call graphs: the binary and symbol of each sample are enough, and
+                # cheap enough to leave the node's speed as it is.
+                [
+                    *(perf, "record", "-q", "-F", "499", "-o", str(perf_data)),
+                    *("-p", str(target.pid), "--", "sleep", str(int(seconds))),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            if perf
+            else None
         )
         await asyncio.sleep(0.5)
         client = nb.NodeClient(nc, prefix=prefix, node_id=target.node_id, tag="p")
@@ -156,6 +205,14 @@ async def profile(scenario: str, *, seconds: float, out: Path, tree: str, gil: b
         top.write_text(summarize(raw))
         print(top.read_text())
         print(f"{done} operations; collapsed stacks {raw} (flamegraph.pl/speedscope), {top}")
+        if recorder is not None:
+            _, err = recorder.communicate(timeout=seconds + 60)
+            if recorder.returncode != 0 or not perf_data.exists():
+                raise SystemExit(f"perf record failed ({recorder.returncode}): {err.strip()}")
+            native = out.with_suffix(".native.txt")
+            native.write_text(native_summary(perf_data))
+            print(native.read_text())
+            print(f"native profile {native} (perf data {perf_data})")
     finally:
         await asyncio.gather(*(x.stop() for x in nodes), return_exceptions=True)
         server.stop()
