@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from functools import partial
 from pathlib import Path
@@ -92,6 +91,7 @@ async def e2e_group(run: Run) -> None:
     try:
         for rep in range(p.reps):
             run.log(f" rep {rep + 1}/{p.reps}")
+            run.record("e2e.fs_probe", fs_probe(run.root / f"fs-probe-{rep}"))
             await run.echo_c64("e2e.echo_c64")
             client = _client(run, node, f"e{rep}")
             await run.measured(
@@ -108,7 +108,6 @@ async def e2e_group(run: Run) -> None:
                 ),
             )
             _fix_counters(run, "e2e.node_c64", client)
-            run.record("e2e.fs_probe", fs_probe(run.root / "fs-probe"))
             await run.echo_seq("e2e.echo_seq")
             client = _client(run, node, f"q{rep}")
             await run.measured(
@@ -142,9 +141,13 @@ FS_PROBE_JOBS = 300
 def fs_probe(folder: Path, jobs: int = FS_PROBE_JOBS) -> dict[str, Any]:
     """What a noop job's results folder costs on the disk of the nodes' data dirs, now:
     PROTOCOL.md §7 makes every job create ``<id>/``, ``<id>/outputs/`` and three small
-    files (the executor's ``results.prepare`` and ``write_results``). Measured next to
-    each e2e repetition: on this VM the same five calls have taken from 50 us to 1.5 ms
-    per job, from one minute to the next, and they run on the node's event loop."""
+    files (the executor's ``results.prepare`` and ``write_results``). Measured before
+    each e2e repetition: on this VM the same five calls have taken from 50 us to 1.7 ms
+    per job, and they run on the node's event loop.
+
+    The folders stay until the run ends: on an ext4 without a journal (this VM's) every
+    inode freed in the last minute or more slows each new one down (bench/README.md), so
+    deleting them here would slow the next repetition's node."""
     folder.mkdir(parents=True, exist_ok=True)
     t0, c0 = time.perf_counter(), os.times()
     for i in range(jobs):
@@ -156,7 +159,6 @@ def fs_probe(folder: Path, jobs: int = FS_PROBE_JOBS) -> dict[str, Any]:
             os.write(fd, data)
             os.close(fd)
     elapsed, c1 = time.perf_counter() - t0, os.times()
-    shutil.rmtree(folder, ignore_errors=True)
     return {
         "jobs": jobs,
         "us_per_job": round(elapsed / jobs * 1e6, 1),

@@ -268,6 +268,9 @@ def meta(run: Run, source: str, code_hash: str, started: float) -> dict[str, Any
         "worker_code_hash": code_hash,  # of the copy of worker/ + schemas/ that was measured
         "worker_rev": (rev + "+dirty" if dirty else rev) if rev else "(not a git tree)",
         "python": sys.version.split()[0],
+        # Which build: one 3.11 differs from another by ~7 % in CPU per job (README).
+        "python_build": f"{os.path.realpath(sys._base_executable)}"
+        f" ({platform.python_compiler()}, {' '.join(platform.python_build())})",
         "nats_server": nats_version,
         "host": {
             "cpus": os.cpu_count(),
@@ -275,7 +278,33 @@ def meta(run: Run, source: str, code_hash: str, started: float) -> dict[str, Any
             "kernel": platform.release(),
         },
         "loadavg_end": loadavg(),
+        "data_fs": data_fs(run.root),
     }
+
+
+def data_fs(path: Path) -> str:
+    """The file system the nodes' data dirs are on, as /proc/mounts has it, and for ext4
+    whether it has a journal: without one, inode allocation slows down after deletions
+    (bench/README.md, "The disk under the e2e figure")."""
+    try:
+        mounts = [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+    except OSError:
+        return "unknown"
+    where = str(path.resolve())
+    best: list[str] = []
+    for m in mounts:  # the longest mount point holding the path
+        inside = len(m) >= 4 and (where == m[1] or where.startswith(m[1].rstrip("/") + "/"))
+        if inside and (not best or len(m[1]) > len(best[1])):
+            best = m
+    if not best:
+        return "unknown"
+    device, mount, kind, options = best[:4]
+    text = f"{kind} on {device} at {mount} ({options})"
+    if kind == "ext4":
+        journal = Path("/sys/fs/ext4") / Path(device).name / "journal_task"
+        with contextlib.suppress(OSError):
+            text += ", no journal" if "<none>" in journal.read_text() else ", journal"
+    return text
 
 
 async def main(
@@ -292,6 +321,7 @@ async def main(
         f"bench: {'quick' if quick else 'full'} run, temp dir {run.root}, "
         f"load average {loadavg():.2f}"
     )
+    log(f"bench: data dirs on {data_fs(run.root)}")
     try:
         await run.execute(only)
     finally:
