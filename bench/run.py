@@ -114,6 +114,7 @@ class Run:
         self.echo: Echo | None = None
         self.raw: dict[str, list[dict[str, Any]]] = {}
         self.started = datetime.now(UTC)
+        self.since_cleanup: float | None = None  # see since_cleanup()
 
     # -- plumbing ------------------------------------------------------------------------
     def record(self, name: str, entry: dict[str, Any]) -> None:
@@ -232,6 +233,8 @@ class Run:
                     await self.nc.close()
             self.server.stop()
             shutil.rmtree(self.root, ignore_errors=True)
+            with contextlib.suppress(OSError):  # for the next run's warning
+                (self.root.parent / CLEANUP_MARK).write_text(f"{time.time():.0f}\n")
 
 
 # --- meta -------------------------------------------------------------------------------
@@ -279,7 +282,24 @@ def meta(run: Run, source: str, code_hash: str, started: float) -> dict[str, Any
         },
         "loadavg_end": loadavg(),
         "data_fs": data_fs(run.root),
+        "since_previous_cleanup_s": run.since_cleanup,  # None: none in the last SETTLE_S
     }
+
+
+# Written next to the runs' temp dirs when a run has deleted its own. On an ext4 without a
+# journal new inodes are slow for up to SETTLE_S after many were deleted (bench/README.md).
+CLEANUP_MARK = "worker-bench-cleanup"
+SETTLE_S = 300
+
+
+def since_cleanup(root: Path) -> float | None:
+    """Seconds since an earlier run deleted its temp dir beside ``root``; None when that
+    was SETTLE_S or more ago (or never)."""
+    try:
+        age = time.time() - float((root.parent / CLEANUP_MARK).read_text())
+    except (OSError, ValueError):
+        return None
+    return round(age) if 0 <= age < SETTLE_S else None
 
 
 def data_fs(path: Path) -> str:
@@ -321,7 +341,15 @@ async def main(
         f"bench: {'quick' if quick else 'full'} run, temp dir {run.root}, "
         f"load average {loadavg():.2f}"
     )
-    log(f"bench: data dirs on {data_fs(run.root)}")
+    fs = data_fs(run.root)
+    log(f"bench: data dirs on {fs}")
+    run.since_cleanup = since_cleanup(run.root)
+    if run.since_cleanup is not None and fs.endswith("no journal"):
+        log(
+            f"bench: WARNING: a bench run deleted its files {run.since_cleanup:.0f} s ago; on"
+            f" an ext4 without a journal new files stay slow for up to {SETTLE_S} s after"
+            " that (bench/README.md), so this run's e2e figure will be low"
+        )
     try:
         await run.execute(only)
     finally:
