@@ -113,7 +113,7 @@ class BaseEndpoint(BidMaking):
             Cause.BID_ACCEPTED,
             changes={"deadline": deadline, "trace": trace},
         )
-        if moved:
+        if moved is not None:
             self.metrics.accepted.add(1)
             self.deadlines.schedule(execution.id, deadline)
             self.buffer.enqueue(execution)
@@ -126,20 +126,25 @@ class BaseEndpoint(BidMaking):
             Cause.BID_REJECTED,
             comment=f"bid rejected due to: {request.Justification}",
         )
-        if moved:
+        if moved is not None:
             self._forget(execution.id)
         return _response(execution)
 
     async def result_accepted(self, request: ResultAcceptedRequest) -> ExecutionResponse:
+        # PublishStarted commits with it (one write): the reply still reports the state
+        # ResultAccepted put it in, and the publisher starts from Publishing. Nothing
+        # awaits between the commit and ``publish``, so a cancel that commits after this
+        # finds the upload's task registered.
         execution, moved = await self._operate(
             request.SourcePeerID,
             request.ExecutionID,
             Cause.RESULT_ACCEPTED,
             changes={"deadline": None},
+            then=Cause.PUBLISH_STARTED,
         )
-        if moved:
+        if moved is not None:
             self.deadlines.cancel(execution.id)
-            self.buffer.publish(execution)
+            self.buffer.publish(moved)
         return _response(execution)
 
     async def result_rejected(self, request: ResultRejectedRequest) -> ExecutionResponse:
@@ -149,7 +154,7 @@ class BaseEndpoint(BidMaking):
             Cause.RESULT_REJECTED,
             comment=f"result rejected due to: {request.Justification}",
         )
-        if moved:
+        if moved is not None:
             self.metrics.failed.add(1, {"cause": Cause.RESULT_REJECTED.value})
             self.deadlines.cancel(execution.id)
         return _response(execution)
@@ -161,7 +166,7 @@ class BaseEndpoint(BidMaking):
             Cause.CANCEL,
             comment=f"execution canceled due to: {request.Justification}",
         )
-        if moved:
+        if moved is not None:
             self.metrics.cancelled.add(1)
             self._forget(execution.id)
         return _response(execution)
@@ -179,8 +184,11 @@ class BaseEndpoint(BidMaking):
         *,
         comment: str = "",
         changes: dict[str, object] | None = None,
-    ) -> tuple[Execution, bool]:
-        """Apply ``cause`` by compare-and-set; (execution, False) for a duplicate.
+        then: Cause | None = None,
+    ) -> tuple[Execution, Execution | None]:
+        """Apply ``cause`` by compare-and-set, and ``then`` (an automatic move) in the same
+        write: (the execution as ``cause`` left it, as it is after the last move); the
+        second is None for a duplicate, which changes nothing.
 
         The common case is one store round trip: when the move does not depend on the
         current state (every cause but Cancel), the write itself checks the owner and the
@@ -191,8 +199,9 @@ class BaseEndpoint(BidMaking):
             direct = self._update(
                 execution_id, cause, move, requester, comment, changes, owner=requester
             )
+            direct.then = self._then(execution_id, move, then)
             try:
-                return await self._commit(direct), True
+                return await self._commit(direct)
             except (ExecutionNotFound, InvalidStateError, VersionMismatchError):
                 pass
         for _ in range(3):
@@ -200,7 +209,7 @@ class BaseEndpoint(BidMaking):
             found = transition(cause, execution.state)
             if found is None:
                 if await self._is_duplicate(execution, cause, requester):
-                    return execution, False
+                    return execution, None
                 raise ConflictError(
                     f"cannot apply {cause.value} to execution {execution_id} "
                     f"in state {execution.state.value}",
@@ -210,11 +219,21 @@ class BaseEndpoint(BidMaking):
             update = self._update(execution_id, cause, found, requester, comment, changes)
             update.expected_states = frozenset({execution.state})
             update.expected_version = execution.version
+            update.then = self._then(execution_id, found, then)
             try:
-                return await self._commit(update), True
+                return await self._commit(update)
             except (InvalidStateError, VersionMismatchError):
                 continue  # lost a race with another move: look again
         raise StoreUnavailableError(f"execution {execution_id} keeps changing; try again")
+
+    def _then(
+        self, execution_id: str, move: Transition, then: Cause | None
+    ) -> UpdateRequest | None:
+        """The automatic move ``then`` from where ``move`` leads, if it applies there."""
+        follow = transition(then, move.target) if then is not None else None
+        if then is None or follow is None:
+            return None
+        return self._update(execution_id, then, follow, "", "", None)
 
     def _update(
         self,
@@ -239,11 +258,12 @@ class BaseEndpoint(BidMaking):
             callback=self.callbacks.for_kind(move.callback, err=comment, cause=cause.value),
         )
 
-    async def _commit(self, update: UpdateRequest) -> Execution:
+    async def _commit(self, update: UpdateRequest) -> tuple[Execution, Execution]:
+        """(the execution after the first move, after the last one)."""
         result = await self.store.update(update)
         if result.outbox is not None:
             self.notify(result.outbox)
-        return result.execution
+        return result.first or result.execution, result.execution
 
     async def _is_duplicate(self, execution: Execution, cause: Cause, requester: str) -> bool:
         if cause is Cause.CANCEL and execution.state is S.CANCELLED:

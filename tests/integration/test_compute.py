@@ -542,6 +542,59 @@ async def test_cancel_waiting_verification_sends_cancel_result(
     assert (err.value.state, err.value.cause) == ("Cancelled", "Cancel")
 
 
+class HeldPublisher:
+    """A Noop publisher that holds each upload until ``release`` is set."""
+
+    name = "Noop"
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.cancelled = False
+
+    def is_installed(self) -> bool:
+        return True
+
+    async def publish(self, execution: Execution, results_dir: Path) -> StorageSpec:
+        self.started.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        return StorageSpec()
+
+
+async def test_result_accepted_commits_publish_started_with_it(
+    make_node: NodeFactory, r1: Requester, tap: Tap
+) -> None:
+    """ResultAccepted and PublishStarted are one write: the reply reports ResultAccepted,
+    the store already holds Publishing, and a cancel right after stops the upload."""
+    publisher = HeldPublisher()
+    plugins = noop_plugins()
+    plugins.publishers["Noop"] = publisher
+    node = await make_node("n1", plugins=plugins)
+    eid = await bid(r1, make_job())
+    await r1.accept("n1", eid)
+    assert isinstance(await r1.wait_callback(eid, timeout=WAIT), RunResult)
+    response = await r1.accept_result("n1", eid)
+    assert response.State == S.RESULT_ACCEPTED
+    view = await r1.get_execution("n1", eid)  # no polling: committed before the reply
+    assert view.Execution.State == S.PUBLISHING
+    last = view.History[-2:]
+    assert [(h.NewState, h.Cause) for h in last] == [
+        (S.RESULT_ACCEPTED, "ResultAccepted"),
+        (S.PUBLISHING, "PublishStarted"),
+    ]
+    assert last[0].Time == last[1].Time
+    await asyncio.wait_for(publisher.started.wait(), WAIT)
+    assert (await r1.cancel("n1", eid)).State == S.CANCELLED
+    assert isinstance(await r1.wait_callback(eid, timeout=WAIT), CancelResult)
+    await assert_eventually(lambda: publisher.cancelled, timeout=WAIT)
+    assert [(await tap.next())[0] for _ in range(2)] == ["OnRunComplete", "OnCancelComplete"]
+    await tap.assert_quiet(node)
+
+
 async def test_cancel_of_cancelled_is_a_duplicate(make_node: NodeFactory, r1: Requester) -> None:
     await make_node("n1")
     eid = await bid(r1, make_job())

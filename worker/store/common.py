@@ -170,6 +170,36 @@ def check_update(current: Execution, request: UpdateRequest) -> None:
         )
 
 
+def validate_chain(request: UpdateRequest) -> list[dict[str, Any]]:
+    """``validate_changes`` of ``request`` and of each move of its ``then`` chain."""
+    changes = [validate_changes(request.changes)]
+    step = request.then
+    while step is not None:
+        changes.append(validate_changes(step.changes))
+        step = step.then
+    return changes
+
+
+def apply_chain(
+    current: Execution, request: UpdateRequest, changes: list[dict[str, Any]], now: datetime
+) -> tuple[Execution, list[HistoryEntry], OutboxRow | None, Execution]:
+    """``apply_update`` of ``request`` then of each move of its ``then`` chain (``changes``
+    from ``validate_chain``): the execution after the last move, one history row per
+    move, the chain's outbox row, and the execution after the first move."""
+    after, entry, row = apply_update(current, request, changes[0], now)
+    first, entries = after, [entry]
+    step, i = request.then, 1
+    while step is not None:
+        after, entry, more = apply_update(after, step, changes[i], now)
+        entries.append(entry)
+        if more is not None:
+            if row is not None:
+                raise ValueError("only one move of a chain may carry a callback")
+            row = more
+        step, i = step.then, i + 1
+    return after, entries, row, first
+
+
 def apply_update(
     current: Execution, request: UpdateRequest, changes: dict[str, Any], now: datetime
 ) -> tuple[Execution, HistoryEntry, OutboxRow | None]:

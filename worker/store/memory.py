@@ -21,6 +21,7 @@ from worker.store.common import (
     MANAGED_FIELDS,
     MAX_CURSOR_LENGTH,
     Clock,
+    apply_chain,
     apply_update,
     check_limit,
     check_update,
@@ -35,6 +36,7 @@ from worker.store.common import (
     to_us,
     utc,
     utc_now,
+    validate_chain,
     validate_changes,
     validate_new,
 )
@@ -55,6 +57,7 @@ __all__ = [
     "MAX_CURSOR_LENGTH",
     "Clock",
     "MemoryStore",
+    "apply_chain",
     "apply_update",
     "check_limit",
     "check_update",
@@ -69,6 +72,7 @@ __all__ = [
     "to_us",
     "utc",
     "utc_now",
+    "validate_chain",
     "validate_changes",
     "validate_new",
 ]
@@ -144,16 +148,16 @@ class MemoryStore:
         return list(self._history.get(execution_id, ()))
 
     async def update(self, request: UpdateRequest) -> UpdateResult:
-        changes = validate_changes(request.changes)
+        changes = validate_chain(request)
         current = self._load(request.execution_id)
-        after, entry, row = apply_update(current, request, changes, utc(self._clock()))
+        after, entries, row, first = apply_chain(current, request, changes, utc(self._clock()))
         data = encode_execution(after)  # before any write: a bad value changes nothing
         self._executions[after.id] = data
-        self._history[after.id].append(entry)
+        self._history[after.id].extend(entries)
         if row is not None:
             self._outbox[after.id][row.seq] = row
             row = _copy_row(row)
-        return UpdateResult(after, row)
+        return UpdateResult(after, row, None if first is after else first)
 
     async def live_executions(self) -> list[Execution]:
         return [e for e in self._all() if e.state not in TERMINAL]

@@ -52,7 +52,7 @@ from worker.store.common import (
     to_us,
     utc,
     utc_now,
-    validate_changes,
+    validate_chain,
 )
 from worker.store.migrate import migrations, setup, split_statements
 from worker.store.sqlite_inline import InlineWriter
@@ -318,11 +318,11 @@ class SqliteStore:
         return await self._read(ops.history, execution_id)
 
     async def update(self, request: UpdateRequest) -> UpdateResult:
-        changes = validate_changes(request.changes)
+        changes = validate_chain(request)
         known = self._latest.get(request.execution_id)
         now = utc(self._clock())
         try:
-            stored, row = await self._write(ops.update, request, changes, now, known)
+            stored, row, first = await self._write(ops.update, request, changes, now, known)
         except BaseException:
             self._latest.pop(request.execution_id, None)
             raise
@@ -330,7 +330,7 @@ class SqliteStore:
         after = stored[0]
         if after.state in TERMINAL:
             self._forget((after.requester, after.job_id))
-        return UpdateResult(after, row)
+        return UpdateResult(after, row, None if first is after else first)
 
     async def live_executions(self) -> list[Execution]:
         return await self._read(docs, f"SELECT {DOC} FROM executions WHERE {LIVE} ORDER BY ord")

@@ -22,7 +22,7 @@ from worker.errors import (
 )
 from worker.states import TERMINAL as TERMINAL_STATES
 from worker.store.common import (
-    apply_update,
+    apply_chain,
     creation_history,
     encode_cursor,
     from_us,
@@ -130,12 +130,13 @@ def _write_row(conn: sqlite3.Connection, after: Execution, guard: bytes | None =
 def update(
     conn: sqlite3.Connection,
     request: UpdateRequest,
-    changes: dict[str, Any],
+    changes: list[dict[str, Any]],
     now: datetime,
     known: Known | None = None,
-) -> tuple[Known, OutboxRow | None]:
-    """Apply ``request`` to the stored execution: (the execution after it, with its
-    ``ord`` and job; its outbox row).
+) -> tuple[Known, OutboxRow | None, Execution]:
+    """Apply ``request`` (and its ``then`` chain; ``changes`` from ``validate_chain``) to
+    the stored execution: (the execution after it, with its ``ord`` and job; its outbox
+    row; the execution after the first move).
 
     ``known`` is the store's copy of the execution as it last wrote it. The copy may be
     out of date (or changed in place by whoever holds it). It is used only if it encodes
@@ -153,18 +154,18 @@ def update(
     ).fetchone()
     if found is None:
         raise ExecutionNotFound(request.execution_id)
-    after, entry, row = apply_update(decode_doc(found[0], found[1]), request, changes, now)
+    after, entries, row, first = apply_chain(decode_doc(found[0], found[1]), request, changes, now)
     _write_row(conn, after)
-    return _recorded(conn, (after, found[2], found[1]), entry, row)
+    return _recorded(conn, (after, found[2], found[1]), entries, row), row, first
 
 
 def _update_known(
     conn: sqlite3.Connection,
     request: UpdateRequest,
-    changes: dict[str, Any],
+    changes: list[dict[str, Any]],
     now: datetime,
     known: Known,
-) -> tuple[Known, OutboxRow | None] | None:
+) -> tuple[Known, OutboxRow | None, Execution] | None:
     """``update`` from ``known``; None when ``known`` is not what is stored (nothing
     written then), or its checks failed (maybe only because it is out of date: the
     caller redoes them on the stored copy)."""
@@ -173,24 +174,25 @@ def _update_known(
         if encode_job(execution.job) != job:
             return None
         stored = encode_doc(execution)  # what the row must hold for it to count
-        after, entry, row = apply_update(execution, request, changes, now)
+        after, entries, row, first = apply_chain(execution, request, changes, now)
     except Exception:
         return None
     if _write_row(conn, after, stored) != 1:
         return None
-    return _recorded(conn, (after, ord_, job), entry, row)
+    return _recorded(conn, (after, ord_, job), entries, row), row, first
 
 
 def _recorded(
     conn: sqlite3.Connection,
     after: Known,
-    entry: HistoryEntry,
+    entries: list[HistoryEntry],
     row: OutboxRow | None,
-) -> tuple[Known, OutboxRow | None]:
-    insert_history(conn, entry, after[1])
+) -> Known:
+    for entry in entries:
+        insert_history(conn, entry, after[1])
     if row is not None:
         insert_outbox(conn, row, after[1])
-    return after, row
+    return after
 
 
 def get(conn: sqlite3.Connection, execution_id: str) -> Execution:

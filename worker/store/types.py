@@ -129,12 +129,17 @@ class UpdateRequest:
     changes: dict[str, Any] = field(default_factory=dict)
     callback: CallbackBuilder | None = None
     owner: str = ""  # when set, the execution must belong to this requester (else not found)
+    # A move that follows at once, in the same transaction (ResultAccepted, then
+    # PublishStarted): one write, one history row per move. At most one move of a
+    # chain may carry a callback.
+    then: UpdateRequest | None = None
 
 
 @dataclass(slots=True)
 class UpdateResult:
-    execution: Execution
+    execution: Execution  # after the last move
     outbox: OutboxRow | None
+    first: Execution | None = None  # with ``then``: after the first move (what a reply reports)
 
 
 @dataclass(slots=True)
