@@ -77,6 +77,40 @@ class ExecutorBuffer:
         store for the restart policy."""
         self._admitting = False
 
+    def claim(self, execution_id: str) -> bool:
+        """Whether an execution being accepted would start at once (admitting, nothing
+        queued ahead of it, its pending reservation fits next to the running ones). If
+        so its reservation counts as running from now on: the caller commits BidAccepted
+        and RunStarted in one write, then calls :meth:`started`, or :meth:`unclaim` when
+        the write did not commit."""
+        if not self._admitting or self._queue or execution_id in self._running:
+            return False
+        if self.pool.where(execution_id) != "pending" or not self.pool.can_start(execution_id):
+            return False
+        self.pool.start(execution_id)
+        return True
+
+    def unclaim(self, execution_id: str) -> None:
+        """Undo :meth:`claim` (the write failed or was a duplicate): pending again, and
+        what was queued meanwhile for want of that room may start."""
+        if execution_id not in self._running:
+            self.pool.unstart(execution_id)
+            self._dequeue()
+
+    def started(self, execution: Execution) -> None:
+        """Run an execution whose Running committed with its BidAccepted (see :meth:`claim`)."""
+        item = _Queued(execution, time.monotonic(), time.time_ns())
+        self.executor.metrics.queue_wait.record(0.0)
+        self._queue_span(item)  # it waited for nothing, as a run started by _dequeue at once
+        self._launch(execution, item.enqueued_at)
+
+    def _launch(self, execution: Execution, now: float) -> None:
+        ends = now + self.executor.timeout_of(execution)
+        self._ends[execution.id] = (ends, execution.usage)
+        self._running[execution.id] = self.owner.spawn(
+            self._run(execution), name=f"run {execution.id}"
+        )
+
     def _dequeue(self) -> None:
         if not self._admitting:
             return
@@ -87,11 +121,7 @@ class ExecutorBuffer:
                 self.pool.start(execution_id)
                 self.executor.metrics.queue_wait.record(now - item.enqueued_at)
                 self._queue_span(item)
-                ends = now + self.executor.timeout_of(item.execution)
-                self._ends[execution_id] = (ends, item.execution.usage)
-                self._running[execution_id] = self.owner.spawn(
-                    self._run(item.execution), name=f"run {execution_id}"
-                )
+                self._launch(item.execution, now)
                 continue
             if item.first_skipped is None:
                 item.first_skipped = now

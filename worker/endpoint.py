@@ -107,16 +107,32 @@ class BaseEndpoint(BidMaking):
         self, request: BidAcceptedRequest, trace: dict[str, str]
     ) -> ExecutionResponse:
         deadline = datetime.now(UTC) + timedelta(seconds=self.queue_timeout)
-        execution, moved = await self._operate(
-            request.SourcePeerID,
-            request.ExecutionID,
-            Cause.BID_ACCEPTED,
-            changes={"deadline": deadline, "trace": trace},
-        )
+        # When it would start at once, RunStarted commits with BidAccepted (one write);
+        # the reply still reports BidAccepted. Nothing awaits between the commit and
+        # ``started``, so a cancel that commits after this finds the run registered.
+        claimed = self.buffer.claim(request.ExecutionID)
+        try:
+            execution, moved = await self._operate(
+                request.SourcePeerID,
+                request.ExecutionID,
+                Cause.BID_ACCEPTED,
+                changes={"deadline": deadline, "trace": trace},
+                then=Cause.RUN_STARTED if claimed else None,
+            )
+        except BaseException:
+            if claimed:
+                self.buffer.unclaim(request.ExecutionID)
+            raise
+        run_now = moved is not None and moved.state is S.RUNNING
+        if claimed and not run_now:
+            self.buffer.unclaim(request.ExecutionID)
         if moved is not None:
             self.metrics.accepted.add(1)
             self.deadlines.schedule(execution.id, deadline)
-            self.buffer.enqueue(execution)
+            if run_now:
+                self.buffer.started(moved)
+            else:
+                self.buffer.enqueue(moved)
         return _response(execution)
 
     async def bid_rejected(self, request: BidRejectedRequest) -> ExecutionResponse:

@@ -184,7 +184,10 @@ class BaseExecutor:
         Cancellation (``CancelledError``) comes from a cancel or a shutdown; the state was
         already moved by whoever cancelled, so nothing is written here.
         """
-        running = await self.move(execution, Cause.RUN_STARTED)
+        if execution.state is S.RUNNING:  # RunStarted committed with BidAccepted
+            running: Execution | None = execution
+        else:
+            running = await self.move(execution, Cause.RUN_STARTED)
         if running is None:
             return
         timeout = self.timeout_of(running)

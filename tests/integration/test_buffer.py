@@ -7,6 +7,7 @@ and an accepted bid never failing for capacity.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -28,7 +29,7 @@ from tests.integration.test_compute import (
 )
 from worker.capacity.usage import ZERO
 from worker.engines.noop import NoopEngine
-from worker.requester import Requester
+from worker.requester import Requester, RequestFailed
 from worker.store.types import Execution
 
 
@@ -251,3 +252,86 @@ async def test_accepted_bids_never_fail_for_capacity(
     assert sorted(gate.started) == sorted(eids)
     assert gate.max_running == 2
     await assert_eventually(lambda: len(node.parts.pool) == 0, timeout=WAIT)
+
+
+async def test_an_accept_with_room_commits_run_started_with_it(
+    make_node: NodeFactory, r1: Requester, gate: Gate
+) -> None:
+    """Nothing queued and room to run: BidAccepted and RunStarted are one write. The
+    reply reports BidAccepted; the store already holds Running."""
+    node = await make_node("n1", plugins=noop_plugins(gate), limit_total_cpu="1")
+    eid = await bid(r1, make_job(Resources={"CPU": "1"}))
+    response = await r1.accept("n1", eid)
+    assert response.State == S.BID_ACCEPTED
+    view = await r1.get_execution("n1", eid)  # no polling: committed before the reply
+    assert view.Execution.State == S.RUNNING
+    last = view.History[-2:]
+    assert [(h.NewState, h.Cause) for h in last] == [
+        (S.BID_ACCEPTED, "BidAccepted"),
+        (S.RUNNING, "RunStarted"),
+    ]
+    assert last[0].Time == last[1].Time
+    await assert_eventually(lambda: gate.started == [eid], timeout=WAIT)
+    assert node.parts.pool.where(eid) == "running"
+    gate.release.set()
+    assert isinstance(await r1.wait_callback(eid, timeout=WAIT), RunResult)
+
+
+async def test_an_accept_behind_a_running_job_waits_in_bid_accepted(
+    make_node: NodeFactory, r1: Requester, gate: Gate
+) -> None:
+    """No room: the accept commits BidAccepted alone; RunStarted is its own write later."""
+    node = await make_node("n1", plugins=noop_plugins(gate), limit_total_cpu="1")
+    first, second = [await bid(r1, make_job(Resources={"CPU": "1"})) for _ in range(2)]
+    await r1.accept("n1", first)
+    assert (await r1.accept("n1", second)).State == S.BID_ACCEPTED
+    view = await r1.get_execution("n1", second)
+    assert view.Execution.State == S.BID_ACCEPTED
+    assert view.History[-1].Cause == "BidAccepted"
+    assert node.parts.buffer.queued_ids == [second]
+    assert node.parts.pool.where(second) == "queued"
+    gate.job_event(first).set()
+    await wait_state(r1, second, S.RUNNING)
+    causes = [h.Cause for h in (await r1.get_execution("n1", second)).History]
+    assert causes[-2:] == ["BidAccepted", "RunStarted"]
+    gate.release.set()
+    assert isinstance(await r1.wait_callback(second, timeout=WAIT), RunResult)
+
+
+async def test_an_accept_that_does_not_commit_gives_its_claim_back(
+    make_node: NodeFactory, nc: Client, prefix: str, gate: Gate
+) -> None:
+    """The write of BidAccepted + RunStarted fails (another process holds the database):
+    503, and the reservation is a pending bid again, not a running job; a retry runs."""
+    node = await make_node("n1", plugins=noop_plugins(gate), limit_total_cpu="1")
+    patient = Requester(nc=nc, requester_id="r1", prefix=prefix, timeout=20)
+    await patient.start()
+    try:
+        eid = await bid(patient, make_job(Resources={"CPU": "1"}))
+        locker = sqlite3.connect(node.store.path, timeout=10, isolation_level=None)
+        locker.execute("BEGIN EXCLUSIVE")
+        try:
+            with pytest.raises(RequestFailed) as err:
+                await patient.accept("n1", eid)
+            assert err.value.code == 503
+            assert node.parts.pool.where(eid) == "pending"
+            assert node.parts.buffer.running_ids == []
+        finally:
+            locker.execute("ROLLBACK")
+            locker.close()
+
+        async def accepted() -> bool:
+            try:
+                await patient.accept("n1", eid)
+            except RequestFailed as exc:
+                assert exc.code == 503, exc
+                return False
+            return True
+
+        await assert_eventually(accepted, timeout=WAIT, interval=0.2)
+        await assert_eventually(lambda: gate.started == [eid], timeout=WAIT)
+        assert node.parts.pool.where(eid) == "running"
+        gate.release.set()
+        assert isinstance(await patient.wait_callback(eid, timeout=WAIT), RunResult)
+    finally:
+        await patient.close()

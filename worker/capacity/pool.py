@@ -179,6 +179,10 @@ class CapacityPool:
         """queued (or pending) → running. Call :meth:`can_start` first."""
         self._move(execution_id, "running", allowed=("pending", "queued"))
 
+    def unstart(self, execution_id: str) -> None:
+        """running → pending: undo a :meth:`start` made for a write that did not commit."""
+        self._move(execution_id, "pending", allowed=("running",))
+
     def try_start(self, execution_id: str) -> bool:
         """:meth:`can_start` then :meth:`start`, in one step."""
         if not self.can_start(execution_id):
