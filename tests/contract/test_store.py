@@ -431,6 +431,21 @@ async def test_changes_applied(store: ExecutionStore) -> None:
     assert (await store.get_execution(execution.id)).deadline is None
 
 
+async def test_change_times_are_stored_in_utc(store: ExecutionStore) -> None:
+    """A naive time is taken as UTC, an aware one is converted (the plain-value path)."""
+    execution = await created(store)
+    naive = datetime(2030, 1, 2, 3, 4, 5, 6)
+    moved = await move(store, execution.id, S.BID_ACCEPTED, changes={"deadline": naive})
+    assert moved.execution.deadline == naive.replace(tzinfo=UTC)
+    assert moved.execution.deadline.tzinfo is UTC
+    plus_two = timezone(timedelta(hours=2))
+    aware = datetime(2030, 1, 2, 5, 4, 5, 6, tzinfo=plus_two)
+    moved = await move(store, execution.id, S.RUNNING, changes={"deadline": aware})
+    assert moved.execution.deadline is not None and moved.execution.deadline.tzinfo is UTC
+    assert moved.execution.deadline == naive.replace(tzinfo=UTC)
+    assert (await store.get_execution(execution.id)).deadline == naive.replace(tzinfo=UTC)
+
+
 @pytest.mark.parametrize(
     "changes",
     [
@@ -442,6 +457,10 @@ async def test_changes_applied(store: ExecutionStore) -> None:
         {"job": new_execution().job},
         {"deadline": "not a time"},
         {"trace": ["not", "a", "dict"]},
+        {"trace": "a string, not a dict"},
+        {"proposal": True},
+        {"spec_hash": 5},
+        {"run_result": "not a RunCommandResult"},
     ],
 )
 async def test_bad_changes_rejected(store: ExecutionStore, changes: dict[str, Any]) -> None:

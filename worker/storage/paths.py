@@ -3,6 +3,7 @@ paths, no symlinks leaving their folder (PROTOCOL.md §7)."""
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path, PurePosixPath
 
@@ -24,6 +25,7 @@ def check_relative(path: str, what: str = "path") -> PurePosixPath:
     return p
 
 
+@functools.lru_cache(maxsize=1024)  # jobs name the same few paths (``/outputs``) again
 def mount_target(path: str, what: str = "path") -> str:
     """A job-side mount point: absolute, normalised, no ``..``."""
     if not path.startswith("/") or "\x00" in path:
