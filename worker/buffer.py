@@ -167,8 +167,10 @@ class ExecutorBuffer:
         """Seconds until a new job of ``usage`` would start: 0 when it fits now; else
         running jobs are taken to end at their timeouts and queued ones to start in FIFO
         order as capacity frees (a pessimistic bound: jobs usually end sooner)."""
-        if not self._ends and not self._queue:
-            return 0.0  # nothing to wait for (what the walk below finds, in 3 µs)
+        if not self._queue and self.pool.fits_running(usage):
+            # It would start now: what the walk below finds, without walking every
+            # running job (the pool's running sum counts at least what ``_ends`` holds).
+            return 0.0
         now = time.monotonic()
         total = self.pool.total
         ending = [(max(now, end), i, u) for i, (end, u) in enumerate(self._ends.values())]

@@ -132,6 +132,10 @@ class CapacityPool:
             return True
         return self._sums["running"].add(item.usage).le(self._total)
 
+    def fits_running(self, usage: ResourceUsage) -> bool:
+        """Whether ``usage`` fits next to the running reservations now."""
+        return self._sums["running"].add(usage).le(self._total)
+
     def snapshot(self) -> PoolSnapshot:
         s = self._sums
         return PoolSnapshot(
