@@ -16,7 +16,10 @@ builder that raises) it runs again with each write in its own SAVEPOINT, so that
 rolled back alone and its caller gets its own answer (``sqlite_writer``). At rest a write
 commits alone, at once; under load, one commit per group. An update starts from the
 store's own copy of the execution when SQLite confirms, in the UPDATE itself, that the
-copy is still exactly the stored document (``sqlite_ops.update``).
+copy is still exactly the stored document (``sqlite_ops.update``). An update may carry a
+follow-on move (``UpdateRequest.then``: BidAccepted then RunStarted, ResultAccepted then
+PublishStarted): each move is checked and gets its version and history row, and the row
+is written once.
 
 Checkpoints (``sqlite_wal``): PASSIVE on the reader's connection every half second, and
 RESTART on the writer's when steady writes keep the WAL from being started over.
