@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -9,6 +10,7 @@ from typing import Any
 
 import msgspec
 import pytest
+from nats.aio.client import Client
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
@@ -16,6 +18,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from worker.config import Config
 from worker.node import Node
 from worker.plugins import Plugins
+from worker.requester import Requester
 
 NodeFactory = Callable[..., Awaitable[Node]]
 
@@ -24,6 +27,30 @@ NodeFactory = Callable[..., Awaitable[Node]]
 def prefix() -> str:
     """A subject prefix of this test's own, so tests never see each other's traffic."""
     return f"t{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.asynccontextmanager
+async def started_requester(nc: Client, prefix: str, name: str) -> AsyncIterator[Requester]:
+    """A requester on the test's prefix, its callback subscriptions made."""
+    r = Requester(nc=nc, requester_id=name, prefix=prefix)
+    await r.start()
+    try:
+        yield r
+    finally:
+        await r.close()
+
+
+@pytest.fixture
+async def r1(nc: Client, prefix: str) -> AsyncIterator[Requester]:
+    async with started_requester(nc, prefix, "r1") as r:
+        yield r
+
+
+@pytest.fixture
+async def r2(nc: Client, prefix: str) -> AsyncIterator[Requester]:
+    """A second requester, for what one must not see of another's executions."""
+    async with started_requester(nc, prefix, "r2") as r:
+        yield r
 
 
 @pytest.fixture

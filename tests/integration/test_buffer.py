@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -21,6 +21,7 @@ from tests.integration.conftest import NodeFactory
 from tests.integration.test_compute import (
     WAIT,
     Gate,
+    assert_moved_together,
     bid,
     make_job,
     noop_plugins,
@@ -31,14 +32,6 @@ from worker.capacity.usage import ZERO
 from worker.engines.noop import NoopEngine
 from worker.requester import Requester, RequestFailed
 from worker.store.types import Execution
-
-
-@pytest.fixture
-async def r1(nc: Client, prefix: str) -> AsyncIterator[Requester]:
-    r = Requester(nc=nc, requester_id="r1", prefix=prefix)
-    await r.start()
-    yield r
-    await r.close()
 
 
 @pytest.fixture
@@ -263,14 +256,7 @@ async def test_an_accept_with_room_commits_run_started_with_it(
     eid = await bid(r1, make_job(Resources={"CPU": "1"}))
     response = await r1.accept("n1", eid)
     assert response.State == S.BID_ACCEPTED
-    view = await r1.get_execution("n1", eid)  # no polling: committed before the reply
-    assert view.Execution.State == S.RUNNING
-    last = view.History[-2:]
-    assert [(h.NewState, h.Cause) for h in last] == [
-        (S.BID_ACCEPTED, "BidAccepted"),
-        (S.RUNNING, "RunStarted"),
-    ]
-    assert last[0].Time == last[1].Time
+    await assert_moved_together(r1, eid, (S.BID_ACCEPTED, "BidAccepted"), (S.RUNNING, "RunStarted"))
     await assert_eventually(lambda: gate.started == [eid], timeout=WAIT)
     assert node.parts.pool.where(eid) == "running"
     gate.release.set()

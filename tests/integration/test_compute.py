@@ -208,24 +208,21 @@ async def force_state(node: Node, execution_id: str, state: S, cause: Cause) -> 
     await node.store.update(UpdateRequest(execution_id=execution_id, cause=cause, new_state=state))
 
 
+async def assert_moved_together(
+    r: Requester, execution_id: str, first: tuple[S, str], then: tuple[S, str]
+) -> None:
+    """The execution is already in ``then``'s state (no polling: it was committed before
+    the reply), its last two history rows are ``first`` then ``then`` (state, Cause), and
+    they carry the same time (one write)."""
+    view = await r.get_execution("n1", execution_id)
+    assert view.Execution.State == then[0]
+    last = view.History[-2:]
+    assert [(h.NewState, h.Cause) for h in last] == [first, then]
+    assert last[0].Time == last[1].Time
+
+
 def kinds(callbacks: list[Any]) -> list[type]:
     return [type(cb) for cb in callbacks]
-
-
-@pytest.fixture
-async def r1(nc: Client, prefix: str) -> AsyncIterator[Requester]:
-    r = Requester(nc=nc, requester_id="r1", prefix=prefix)
-    await r.start()
-    yield r
-    await r.close()
-
-
-@pytest.fixture
-async def r2(nc: Client, prefix: str) -> AsyncIterator[Requester]:
-    r = Requester(nc=nc, requester_id="r2", prefix=prefix)
-    await r.start()
-    yield r
-    await r.close()
 
 
 @pytest.fixture
@@ -579,14 +576,9 @@ async def test_result_accepted_commits_publish_started_with_it(
     assert isinstance(await r1.wait_callback(eid, timeout=WAIT), RunResult)
     response = await r1.accept_result("n1", eid)
     assert response.State == S.RESULT_ACCEPTED
-    view = await r1.get_execution("n1", eid)  # no polling: committed before the reply
-    assert view.Execution.State == S.PUBLISHING
-    last = view.History[-2:]
-    assert [(h.NewState, h.Cause) for h in last] == [
-        (S.RESULT_ACCEPTED, "ResultAccepted"),
-        (S.PUBLISHING, "PublishStarted"),
-    ]
-    assert last[0].Time == last[1].Time
+    await assert_moved_together(
+        r1, eid, (S.RESULT_ACCEPTED, "ResultAccepted"), (S.PUBLISHING, "PublishStarted")
+    )
     await asyncio.wait_for(publisher.started.wait(), WAIT)
     assert (await r1.cancel("n1", eid)).State == S.CANCELLED
     assert isinstance(await r1.wait_callback(eid, timeout=WAIT), CancelResult)

@@ -5,9 +5,7 @@ one reply per node, silent declines, placement, and a malformed ask answered 400
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 
-import pytest
 from nats.aio.client import Client
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind
@@ -20,14 +18,6 @@ from tests.integration.test_compute import WAIT, make_job, state_of
 from worker.requester import Requester
 
 NODES = {"n1", "n2", "n3"}
-
-
-@pytest.fixture
-async def r1(nc: Client, prefix: str) -> AsyncIterator[Requester]:
-    r = Requester(nc=nc, requester_id="r1", prefix=prefix)
-    await r.start()
-    yield r
-    await r.close()
 
 
 async def test_fan_out_three_bids(make_node: NodeFactory, r1: Requester) -> None:

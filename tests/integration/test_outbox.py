@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import AsyncIterator
 
-import pytest
 from nats.aio.client import Client
 
 from schemas.callbacks import RunResult
@@ -17,14 +15,6 @@ from tests.helpers import assert_eventually
 from tests.integration.conftest import NodeFactory
 from tests.integration.test_compute import WAIT, bid, make_job, noop_plugins
 from worker.requester import Requester
-
-
-@pytest.fixture
-async def r1(nc: Client, prefix: str) -> AsyncIterator[Requester]:
-    r = Requester(nc=nc, requester_id="r1", prefix=prefix)
-    await r.start()
-    yield r
-    await r.close()
 
 
 async def test_many_callbacks_at_once_are_all_delivered_and_retired(
