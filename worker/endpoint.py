@@ -246,10 +246,10 @@ class BaseEndpoint(BidMaking):
         self, execution_id: str, move: Transition, then: Cause | None
     ) -> UpdateRequest | None:
         """The automatic move ``then`` from where ``move`` leads, if it applies there."""
-        follow = transition(then, move.target) if then is not None else None
-        if then is None or follow is None:
+        if then is None:
             return None
-        return self._update(execution_id, then, follow, "", "", None)
+        follow = transition(then, move.target)
+        return None if follow is None else self._update(execution_id, then, follow, "", "", None)
 
     def _update(
         self,
