@@ -142,10 +142,15 @@ class BaseExecutor:
         if result.outbox is not None and self.notify is not None:
             self.notify(result.outbox)
 
-    async def fail(self, execution: Execution, cause: Cause, err: str) -> bool:
+    async def fail(
+        self, execution: Execution, cause: Cause, err: str, *, reload: bool = True
+    ) -> bool:
         """The failure funnel: move to Failed with ``cause`` and a ComputeError, once.
-        False when the execution had already moved on (nothing is written then)."""
-        fresh = await self._reload(execution)
+        False when the execution had already moved on (nothing is written then).
+
+        ``reload=False`` when ``execution`` was just read from the store: the store's
+        read is skipped (the move still finds out if the state changed meanwhile)."""
+        fresh = await self._reload(execution) if reload else execution
         if fresh is None or transition(cause, fresh.state) is None:
             return False
         # The message goes to logs, the store and ComputeError: mask secret values.

@@ -4,18 +4,28 @@ from __future__ import annotations
 
 import asyncio
 import json
+import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from nats.aio.client import Client
 
+import worker.store.sqlite as sqlite_module
+from schemas.callbacks import RunCommandResult
+from schemas.compute import ExecutionState as S
 from schemas.job import Engine, Job, Metadata, Spec
 from tests.helpers import assert_eventually
 from tests.integration.conftest import NodeFactory
+from worker.capacity.usage import ResourceUsage
 from worker.engines.noop import NoopEngine
 from worker.plugins import Plugins
 from worker.publishers.noop import NoopPublisher
 from worker.requester import Requester, RequestFailed
-from worker.store.types import Execution
+from worker.states import Cause, transition
+from worker.store import SqliteStore
+from worker.store.types import Execution, UpdateRequest
 from worker.verifiers.noop import NoopVerifier
 
 
@@ -131,3 +141,91 @@ async def test_retention_deletes_terminal_executions_and_keeps_tombstones(
             raise AssertionError("another requester saw the tombstone")
     finally:
         await requester.close()
+
+
+async def _waiting_executions(db: Path, per_state: int, *, past: datetime) -> dict[str, str]:
+    """``per_state`` executions each in Created, BidAccepted and WaitingVerification,
+    written through the store with deadlines at ``past``: {ID: state}."""
+    store = SqliteStore(db)
+    await store.open()
+    states: dict[str, str] = {}
+    try:
+        for i in range(3 * per_state):
+            now = datetime.now(UTC)
+            execution = Execution(
+                id=f"e-{uuid.uuid4()}",
+                job=job(f"waiting-{i}"),
+                requester="r1",
+                usage=ResourceUsage(CPU=0.001, Memory=1 << 20),
+                create_time=now,
+                update_time=now,
+                deadline=past,
+            )
+            await store.create_execution(execution)
+            moves = [(Cause.BID_ACCEPTED, {"deadline": past})] if i >= per_state else []
+            if i >= 2 * per_state:
+                run_result = RunCommandResult()
+                moves += [
+                    (Cause.RUN_STARTED, {"deadline": None}),
+                    (Cause.RUN_COMPLETED, {"run_result": run_result, "deadline": past}),
+                ]
+            state = S.CREATED
+            for cause, changes in moves:
+                move = transition(cause, state)
+                assert move is not None
+                await store.update(
+                    UpdateRequest(
+                        execution_id=execution.id,
+                        cause=cause,
+                        new_state=move.target,
+                        expected_states=frozenset({state}),
+                        changes=changes,
+                    )
+                )
+                state = move.target
+            states[execution.id] = state.value
+    finally:
+        await store.close()
+    return states
+
+
+async def test_restart_after_a_long_stop_expires_the_waiting_executions_together(
+    make_node: NodeFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every deadline passed while the node was down: the expiries commit together, in
+    a few group commits (one at a time, 600 took 600 commits and seconds of start-up),
+    with the right causes, and their ComputeErrors are delivered once the node runs."""
+    node = await make_node("n1")
+    await node.close()
+    past = datetime.now(UTC) - timedelta(hours=1)
+    states = await _waiting_executions(tmp_path / "n1" / "worker.db", 200, past=past)
+    groups = []
+    original = sqlite_module._group
+
+    def counted(conn: Any, batch: Any) -> None:
+        groups.append(len(batch))
+        original(conn, batch)
+
+    monkeypatch.setattr(sqlite_module, "_group", counted)
+    node = await make_node("n1")
+    during_start = list(groups)
+    monkeypatch.setattr(sqlite_module, "_group", original)
+
+    expected = {
+        "Created": ("Cancelled", "BidExpired"),
+        "BidAccepted": ("Failed", "QueueTimeout"),
+        "WaitingVerification": ("Failed", "VerificationExpired"),
+    }
+    for eid, before in states.items():
+        after = await node.store.get_execution(eid)
+        assert (after.state.value, after.last_cause) == expected[before], (eid, before)
+    assert sum(during_start) >= len(states)  # every expiry was written during the start
+    assert len(during_start) < 60, f"{len(during_start)} commits for {len(states)} expiries"
+    assert node.parts.pool.snapshot().pending_count == 0  # nothing expired holds capacity
+    # Their callbacks, committed before the dispatcher started, go out after it did.
+    assert await node.parts.dispatcher.flush(10)
+    assert (await node.store.outbox_stats()).pending == 0
+    failed = [eid for eid, before in states.items() if before != "Created"]
+    for eid in failed:
+        (row,) = await node.store.get_callbacks(eid)
+        assert row.kind == "OnComputeFailure" and row.delivered, (eid, row)
