@@ -172,7 +172,6 @@ class Node:
             queue_timeout=c.queue_timeout,
         )
         await recovery.run()
-        await self._parts.dispatcher.start()
         self._owner.spawn(self._parts.deadlines.run(), name="deadlines")
         self._owner.spawn(self._retention(), name="retention")
         await self._parts.handler.start()
@@ -190,6 +189,9 @@ class Node:
         self._owner.spawn(self._parts.info.run(), name="nodeinfo")
         await self._parts.info.publish()
         recovery.resume()  # runs and uploads of restored executions start only now
+        # Callbacks last: the rows committed so far (thousands after a long stop, all of
+        # recovery's failures) go out from here, in the background, while the node serves.
+        await self._parts.dispatcher.start()
         log.info("node %s ready (instance %s)", self.node_id, self.instance_id)
 
     async def _start_local_publisher(self, plugins: Plugins) -> None:

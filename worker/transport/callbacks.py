@@ -58,11 +58,16 @@ class OutboxDispatcher:
         self._sweeper: asyncio.Task[None] | None = None
         self._stream = StreamPublisher(nc) if mode == "jetstream" else None
         self._recording = telemetry.recording(tracer)
+        self._started = False
+        self._loading = False  # start's first load of the store's undelivered rows
 
     async def start(self) -> None:
+        """Start sending: every undelivered row in the store first (what was committed
+        before ``start``, too), in the background, then rows as they are notified."""
         if self._stream is not None:
             await self._stream.start()
-        await self.resend_all()
+        self._started = self._loading = True
+        self._idle.clear()  # ``flush`` waits for the rows being loaded, too
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep(), name="outbox-sweep")
 
     async def stop(self) -> None:
@@ -74,9 +79,12 @@ class OutboxDispatcher:
             await self._stream.stop()
 
     def notify(self, row: OutboxRow) -> None:
-        """Queue a committed row for delivery (duplicates are ignored)."""
+        """Queue a committed row for delivery (duplicates are ignored). Before
+        :meth:`start` nothing is queued: ``start`` loads every undelivered row from the
+        store (the node's recovery writes thousands after a long stop, and sending each
+        at once slowed the start-up down)."""
         key = (row.execution_id, row.seq)
-        if key in self._known or row.delivered:
+        if not self._started or key in self._known or row.delivered:
             return
         self._known.add(key)
         queue = self._queues.get(row.execution_id)
@@ -99,13 +107,25 @@ class OutboxDispatcher:
                 self.notify(row)
 
     async def _sweep(self) -> None:
-        """Safety net: pick up rows whose notify was lost (e.g. a cancelled writer)."""
+        """Every undelivered row left from before ``start`` (parked ones too; tried again
+        until the store answers), then a safety net: pick up rows whose notify was lost
+        (e.g. a cancelled writer)."""
+        resent = False
         while True:
-            await asyncio.sleep(SWEEP_INTERVAL)
             try:
-                await self._load()
+                if resent:
+                    await self._load()
+                else:
+                    await self.resend_all()
+                    resent = True
             except Exception as exc:
-                log.warning("outbox sweep failed: %r", exc)
+                log.warning("outbox: loading the undelivered callbacks failed: %r", exc)
+            finally:
+                if self._loading:
+                    self._loading = False
+                    if not self._queues:
+                        self._idle.set()
+            await asyncio.sleep(SWEEP_INTERVAL)
 
     async def flush(self, timeout: float) -> bool:
         """Wait until nothing is queued; False on timeout."""
@@ -138,7 +158,7 @@ class OutboxDispatcher:
             # must be forgotten, or notify() skips them until the next restart.
             for left in self._queues.pop(execution_id, ()):
                 self._known.discard((left.execution_id, left.seq))
-            if not self._queues:
+            if not self._queues and not self._loading:
                 self._idle.set()
 
     async def _send_with_retry(self, row: OutboxRow) -> bool:
