@@ -9,7 +9,8 @@ Groups, in order (each node group on a fresh data dir):
   store                  in-process: raw aiosqlite anchor vs SqliteStore transitions
   memory                 RSS of a node before/after 2 × 5,000 noop jobs driven to Completed
   recovery               start-up of a node on an empty data dir vs one holding 100,000
-                         executions (5 % live), and Recovery.run timed in-process
+                         executions (5 % live), their deadlines ahead and (recovery late)
+                         all passed; and Recovery.run timed in-process
 """
 
 from __future__ import annotations

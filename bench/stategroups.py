@@ -11,6 +11,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,35 +130,49 @@ async def _settle(run: Run, node: NodeProc, timeout: float = 15) -> None:
     await asyncio.sleep(1.0)
 
 
+# The two data dirs of the recovery group: the live executions' deadlines still ahead (a
+# restart soon after a stop: the target's case), and all of them passed (a node down for
+# longer than its bid TTL, queue timeout and verification TTL: 4,000 of the 5,000 live
+# executions expire at start-up). Fixed offsets, so a cached data dir measures the same
+# however old it is (it used to hold deadlines an hour after it was written).
+RECOVERY_VARIANTS: tuple[tuple[str, timedelta], ...] = (
+    ("recovery", timedelta(days=3650)),
+    ("recovery_late", -sb.HOUR),
+)
+
+
 async def recovery_group(run: Run) -> None:
     p = run.plan
     node_id = "bench-rec"
-    pristine, populated = await _populated(run, p.recovery_total, node_id)
-    run.record("recovery.populate", populated)
-    run.log(f"  populated: {populated}")
+    pristine = {}
+    for name, deadline_in in RECOVERY_VARIANTS:
+        pristine[name], populated = await _populated(
+            run, p.recovery_total, node_id, name, deadline_in
+        )
+        run.record(f"{name}.populate", populated)
+        run.log(f"  {name}: populated {populated}")
     for rep in range(p.recovery_reps):
         empty = run.node(f"rec-empty-{rep}", "benchrec")
         await empty.start()
         run.record("recovery.startup_empty", {"startup_s": round(empty.startup_s, 3)})
         await run.stop_node(empty)
         shutil.rmtree(empty.data_dir, ignore_errors=True)
-
-        d = run.root / f"rec-{rep}"
-        shutil.copytree(pristine, d, ignore=shutil.ignore_patterns("populated.json"))
-        full = NodeProc(
-            url=run.url, data_dir=d, node_id=node_id, prefix="benchrec", pythonpath=run.tree
-        )
-        await full.start(timeout=120)
-        restored = [ln for ln in full.stderr_tail(20000).splitlines() if "restored" in ln]
-        run.record(
-            "recovery.startup_full",
-            {
-                "startup_s": round(full.startup_s, 3),
-                "log": restored[-1:],
-            },
-        )
-        await run.stop_node(full)
-        shutil.rmtree(d, ignore_errors=True)
+        starts = []
+        for name, _ in RECOVERY_VARIANTS:
+            d = run.root / f"{name}-{rep}"
+            shutil.copytree(pristine[name], d, ignore=shutil.ignore_patterns("populated.json"))
+            full = NodeProc(
+                url=run.url, data_dir=d, node_id=node_id, prefix="benchrec", pythonpath=run.tree
+            )
+            await full.start(timeout=120)
+            restored = [ln for ln in full.stderr_tail(20000).splitlines() if "restored" in ln]
+            run.record(
+                f"{name}.startup_full",
+                {"startup_s": round(full.startup_s, 3), "log": restored[-1:]},
+            )
+            await run.stop_node(full)
+            shutil.rmtree(d, ignore_errors=True)
+            starts.append(f"{name} {full.startup_s:.2f} s")
 
         d = run.root / f"rec-inproc-empty-{rep}"
         empty_phases = await in_process_start(
@@ -166,35 +181,40 @@ async def recovery_group(run: Run) -> None:
         run.record("recovery.inprocess_empty", empty_phases)
         shutil.rmtree(d, ignore_errors=True)
         d = run.root / f"rec-inproc-{rep}"
-        shutil.copytree(pristine, d, ignore=shutil.ignore_patterns("populated.json"))
+        shutil.copytree(pristine["recovery"], d, ignore=shutil.ignore_patterns("populated.json"))
         phases = await in_process_start(d, url=run.url, node_id=node_id, prefix="benchrec")
         run.record("recovery.inprocess", phases)
         shutil.rmtree(d, ignore_errors=True)
         run.log(
-            f"  rep {rep + 1}: start-up empty {empty.startup_s:.2f} s, "
-            f"with {populated['executions']:,} {full.startup_s:.2f} s; in-process {phases}"
+            f"  rep {rep + 1}: start-up empty {empty.startup_s:.2f} s, with "
+            f"{p.recovery_total:,}: {', '.join(starts)}; in-process {phases}"
         )
 
 
-async def _populated(run: Run, total: int, node_id: str) -> tuple[Path, dict[str, Any]]:
+async def _populated(
+    run: Run, total: int, node_id: str, name: str, deadline_in: timedelta
+) -> tuple[Path, dict[str, Any]]:
     """The populated data dir, from the cache when the same code and plan made it
     before (writing 100,000 executions through the store API takes minutes). Each
-    repetition runs on a fresh copy of it; the cache keeps one dir per size."""
+    repetition runs on a fresh copy of it; the cache keeps one dir per variant and size."""
     key = hashlib.sha256(
-        f"{run.code_hash}:{total}:{node_id}".encode() + Path(sb.__file__).read_bytes()
+        f"{run.code_hash}:{total}:{node_id}:{deadline_in.total_seconds()}".encode()
+        + Path(sb.__file__).read_bytes()
     ).hexdigest()[:12]
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "worker-bench"
-    pristine = cache / f"recovery-{total}-{key}"
+    pristine = cache / f"{name}-{total}-{key}"
     done = pristine / "populated.json"
     if done.exists():
-        run.log(f"recovery: {total:,} executions from the cache {pristine}")
+        run.log(f"{name}: {total:,} executions from the cache {pristine}")
         return pristine, {**json.loads(done.read_text()), "cached": True}
-    for old in cache.glob(f"recovery-{total}-*"):
+    for old in cache.glob(f"{name}-{total}-*"):  # older ones of this variant
         shutil.rmtree(old, ignore_errors=True)
-    run.log(f"recovery: populating {total:,} executions via the store API …")
+    run.log(f"{name}: populating {total:,} executions via the store API …")
     building = cache / f"building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    populated = await sb.populate(building, node_id=node_id, prefix="benchrec", total=total)
+    populated = await sb.populate(
+        building, node_id=node_id, prefix="benchrec", total=total, deadline_in=deadline_in
+    )
     (building / "populated.json").write_text(json.dumps(populated))
     building.rename(pristine)
     return pristine, populated

@@ -40,9 +40,14 @@ HOUR = timedelta(hours=1)
 
 
 class Factory:
-    """Executions and their moves, as the node's endpoint and executor make them."""
+    """Executions and their moves, as the node's endpoint and executor make them.
 
-    def __init__(self, *, node_id: str, prefix: str) -> None:
+    Waiting states get deadlines ``deadline_in`` after the moment they are written (bid
+    TTL, queue timeout, verification TTL): negative for ones that have already passed.
+    """
+
+    def __init__(self, *, node_id: str, prefix: str, deadline_in: timedelta = HOUR) -> None:
+        self.deadline_in = deadline_in
         self.callbacks = CallbackFactory(
             node_id=node_id,
             subjects=Subjects(prefix=prefix, node_id=node_id),
@@ -73,7 +78,7 @@ class Factory:
             update_time=now,
             spec_hash="0" * 64,
             ask_reply=reply,
-            deadline=now + HOUR,
+            deadline=now + self.deadline_in,
             ask_trace={"traceparent": wire.traceparent()},
         )
 
@@ -85,13 +90,16 @@ class Factory:
         expected = sources_of(cause)
         now = datetime.now(UTC)
         if cause is Cause.BID_ACCEPTED:
-            changes = {"deadline": now + HOUR, "trace": {"traceparent": wire.traceparent()}}
+            changes = {
+                "deadline": now + self.deadline_in,
+                "trace": {"traceparent": wire.traceparent()},
+            }
         if cause is Cause.RUN_COMPLETED:
             changes = {
                 "run_result": RunCommandResult(),
                 "run_usage": Usage(WallSeconds=0.001),
                 "proposal": b"",
-                "deadline": now + HOUR,
+                "deadline": now + self.deadline_in,
             }
         if cause is Cause.RESULT_ACCEPTED:
             changes = {"deadline": None}
@@ -239,9 +247,16 @@ def recovery_plan(total: int, live_fraction: float = 0.05) -> list[S]:
 
 
 async def populate(
-    data_dir: Path, *, node_id: str, prefix: str, total: int, workers: int = 128
+    data_dir: Path,
+    *,
+    node_id: str,
+    prefix: str,
+    total: int,
+    deadline_in: timedelta = HOUR,
+    workers: int = 128,
 ) -> dict[str, Any]:
-    """A node data dir holding ``total`` executions (5 % live) written via the store API."""
+    """A node data dir holding ``total`` executions (5 % live) written via the store API,
+    the live ones waiting for deadlines ``deadline_in`` after they were written."""
     d = DataDir(data_dir)
     d.create()
     d.lock()
@@ -250,7 +265,7 @@ async def populate(
         store = SqliteStore(d.db_path())
         await store.open()
         try:
-            f = Factory(node_id=node_id, prefix=prefix)
+            f = Factory(node_id=node_id, prefix=prefix, deadline_in=deadline_in)
             plan = recovery_plan(total)
             queue = iter(plan)
             writes = 0
@@ -274,6 +289,7 @@ async def populate(
     return {
         "executions": count,
         "live": live,
+        "deadline_in_s": deadline_in.total_seconds(),
         "transitions": writes,
         "seconds": round(elapsed, 2),
         "transitions_per_s": round(writes / elapsed),
