@@ -1499,6 +1499,39 @@ async def test_sqlite_update_ignores_a_job_changed_by_its_holder(
     assert await sqlite_store.get_execution(e.id) == r2.execution
 
 
+async def test_sqlite_live_executions_are_kept_as_the_store_copies(
+    sqlite_store: SqliteStore, db_path: Path, clock: ManualClock
+) -> None:
+    """After a restart the store has no copy of anything: live_executions keeps what it
+    read, so moving those executions (recovery's work) reads none of them again; one its
+    holder changed in place is read again, and its change is not written."""
+    usage = ResourceUsage(CPU=0.5, Memory=2)  # a float, as the node's: "CPU":1 reads as 1.0
+    first, second = [
+        await sqlite_store.create_execution(dataclass_replace(new_execution(), usage=usage))
+        for _ in range(2)
+    ]
+    await move(sqlite_store, first.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
+    await sqlite_store.close()
+    store = SqliteStore(db_path, clock=clock, sync=sqlite_store._sync)
+    await store.open()
+    try:
+        live = {e.id: e for e in await store.live_executions()}
+        assert set(live) == {first.id, second.id}
+        original = live[second.id].job.Metadata.ClientID
+        live[second.id].job.Metadata.ClientID = "changed by the caller"
+        reads = _count_statements(store, "SELECT doc")
+        r1 = await move(store, first.id, S.RUNNING, Cause.RUN_STARTED)
+        assert reads == []  # the copy live_executions read was current: no read
+        r2 = await move(store, second.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
+        assert len(reads) == 1  # changed in place: read again
+        assert r2.execution.job.Metadata.ClientID == original
+        assert await store.get_execution(first.id) == r1.execution
+        assert await store.get_execution(second.id) == r2.execution
+        assert [h.new_version for h in await store.get_history(first.id)] == [1, 2, 3]
+    finally:
+        await store.close()
+
+
 async def test_sqlite_update_follows_a_row_changed_behind_its_back(
     sqlite_store: SqliteStore, db_path: Path
 ) -> None:

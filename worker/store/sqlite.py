@@ -65,6 +65,7 @@ from worker.store.sqlite_rows import (
     OUTBOX_ROW,
     docs,
     is_unavailable,
+    known_docs,
     outbox_rows,
     store_error,
 )
@@ -336,7 +337,15 @@ class SqliteStore:
         return UpdateResult(after, row, None if first is after else first)
 
     async def live_executions(self) -> list[Execution]:
-        return await self._read(docs, f"SELECT {DOC} FROM executions WHERE {LIVE} ORDER BY ord")
+        found = await self._read(
+            known_docs, f"SELECT {DOC}, ord FROM executions WHERE {LIVE} ORDER BY ord"
+        )
+        # Kept as the store's copies (unless it wrote one since): recovery's moves of
+        # them then skip reading each again (the UPDATE still checks the copy is current).
+        for known in found:
+            if known[0].id not in self._latest:
+                self._remember(known)
+        return [known[0] for known in found]
 
     async def list_executions(self, query: ListQuery) -> tuple[list[Execution], str]:
         check_limit(query.limit)

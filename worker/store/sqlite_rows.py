@@ -185,3 +185,11 @@ def outbox_row(r: tuple[Any, ...]) -> OutboxRow:
 def docs(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list[Execution]:
     """The executions a query selecting ``DOC`` found."""
     return [decode_doc(r[0], r[1]) for r in conn.execute(sql, params)]
+
+
+def known_docs(
+    conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()
+) -> list[tuple[Execution, int, bytes]]:
+    """The executions a query selecting ``DOC, ord`` found, each with its ``ord`` and its
+    job as stored (what the store keeps of the executions it wrote, ``sqlite_ops.Known``)."""
+    return [(decode_doc(r[0], r[1]), r[2], r[1]) for r in conn.execute(sql, params)]
