@@ -20,7 +20,7 @@ from importlib import resources
 from worker.errors import StoreError
 from worker.store.sqlite_writer import transaction
 
-__all__ = ["migrate", "migrations", "setup", "split_statements"]
+__all__ = ["migrate", "migrations", "setup", "setup_reader", "split_statements"]
 
 log = logging.getLogger(__name__)
 
@@ -116,3 +116,9 @@ def setup(
     conn.execute(f"PRAGMA synchronous = {sync.upper()}")
     conn.execute("PRAGMA foreign_keys = ON")
     migrate(conn, scripts)
+
+
+def setup_reader(conn: sqlite3.Connection, busy_ms: int) -> None:
+    """The pragmas of the store's reader connection: it waits on locks, and never writes."""
+    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+    conn.execute("PRAGMA query_only = ON")

@@ -57,7 +57,7 @@ from worker.store.common import (
     utc_now,
     validate_chain,
 )
-from worker.store.migrate import migrations, setup, split_statements
+from worker.store.migrate import migrations, setup, setup_reader, split_statements
 from worker.store.sqlite_inline import InlineWriter
 from worker.store.sqlite_rows import (
     DOC,
@@ -65,7 +65,7 @@ from worker.store.sqlite_rows import (
     OUTBOX_ROW,
     docs,
     is_unavailable,
-    known_docs,
+    live_known,
     outbox_rows,
     store_error,
 )
@@ -114,11 +114,6 @@ LATEST_MAX = 100_000  # executions whose last written version is kept (see ``_la
 
 def _group_now(conn: sqlite3.Connection, batch: list[Write]) -> None:
     _group(conn, batch)  # the module's name at call time (tests replace it)
-
-
-def _setup_reader(conn: sqlite3.Connection, busy_ms: int) -> None:
-    conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
-    conn.execute("PRAGMA query_only = ON")
 
 
 class SqliteStore:
@@ -185,7 +180,7 @@ class SqliteStore:
         self._db = db
         reader = aiosqlite.connect(self._path, isolation_level=None)
         await reader
-        await _in_thread(reader, _setup_reader, self._busy_ms)
+        await _in_thread(reader, setup_reader, self._busy_ms)
         self._reader = reader
         self._checkpointer = asyncio.get_running_loop().create_task(
             wal.checkpoints(self._passive_checkpoint, self._restart_checkpoint)
@@ -337,12 +332,8 @@ class SqliteStore:
         return UpdateResult(after, row, None if first is after else first)
 
     async def live_executions(self) -> list[Execution]:
-        found = await self._read(
-            known_docs, f"SELECT {DOC}, ord FROM executions WHERE {LIVE} ORDER BY ord"
-        )
-        # Kept as the store's copies (unless it wrote one since): recovery's moves of
-        # them then skip reading each again (the UPDATE still checks the copy is current).
-        for known in found:
+        found = await self._read(live_known)
+        for known in found:  # the store's copies now, unless it wrote one since (see update)
             if known[0].id not in self._latest:
                 self._remember(known)
         return [known[0] for known in found]

@@ -187,9 +187,8 @@ def docs(conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()) -> list
     return [decode_doc(r[0], r[1]) for r in conn.execute(sql, params)]
 
 
-def known_docs(
-    conn: sqlite3.Connection, sql: str, params: Sequence[Any] = ()
-) -> list[tuple[Execution, int, bytes]]:
-    """The executions a query selecting ``DOC, ord`` found, each with its ``ord`` and its
-    job as stored (what the store keeps of the executions it wrote, ``sqlite_ops.Known``)."""
-    return [(decode_doc(r[0], r[1]), r[2], r[1]) for r in conn.execute(sql, params)]
+def live_known(conn: sqlite3.Connection) -> list[tuple[Execution, int, bytes]]:
+    """The live executions in creation order, each with its ``ord`` and its job as stored
+    (what the store keeps of the executions it wrote, ``sqlite_ops.Known``)."""
+    sql = f"SELECT {DOC}, ord FROM executions WHERE {LIVE} ORDER BY ord"
+    return [(decode_doc(r[0], r[1]), r[2], r[1]) for r in conn.execute(sql)]
