@@ -76,7 +76,6 @@ class Factory:
             usage=self.usage,
             create_time=now,
             update_time=now,
-            spec_hash="0" * 64,
             ask_reply=reply,
             deadline=now + self.deadline_in,
             ask_trace={"traceparent": wire.traceparent()},

@@ -20,6 +20,7 @@ from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+import msgspec
 import pytest
 from msgspec.structs import replace as dataclass_replace
 
@@ -411,7 +412,7 @@ async def test_changes_applied(store: ExecutionStore) -> None:
             "run_result": RunCommandResult(stdout="hi\n", exitCode=3),
             "proposal": b"\x00\xffproposal",
             "publish_result": spec,
-            "spec_hash": "h1:xyz",
+            "ask_trace": {"traceparent": "00-123-456-01"},
         },
     )
     got = await store.get_execution(execution.id)
@@ -420,10 +421,10 @@ async def test_changes_applied(store: ExecutionStore) -> None:
     assert got.deadline.utcoffset() == timedelta(0)
     assert got.trace == {"traceparent": "00-abc-def-01"}
     assert got.run_result == RunCommandResult(stdout="hi\n", exitCode=3)
-    assert (got.proposal, got.publish_result, got.spec_hash) == (
+    assert (got.proposal, got.publish_result, got.ask_trace) == (
         b"\x00\xffproposal",
         spec,
-        "h1:xyz",
+        {"traceparent": "00-123-456-01"},
     )
 
     cleared = await move(store, execution.id, S.RESULT_ACCEPTED, changes={"deadline": None})
@@ -459,7 +460,7 @@ async def test_change_times_are_stored_in_utc(store: ExecutionStore) -> None:
         {"trace": ["not", "a", "dict"]},
         {"trace": "a string, not a dict"},
         {"proposal": True},
-        {"spec_hash": 5},
+        {"ask_reply": 5},
         {"run_result": "not a RunCommandResult"},
     ],
 )
@@ -1470,16 +1471,16 @@ async def test_sqlite_update_ignores_a_copy_changed_by_its_holder(
     """The execution an update returns is the store's copy too; changing it in place
     must not change what the next update writes."""
     e = await created(sqlite_store)
-    original = (e.spec_hash, e.job.Metadata.ClientID)  # e shares its job with the copies
+    original = (e.ask_trace, e.job.Metadata.ClientID)  # e shares its job with the copies
     r1 = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
-    r1.execution.spec_hash = "changed by the caller"
+    r1.execution.ask_trace = {"changed": "by the caller"}
     r1.execution.job.Metadata.ClientID = "changed too"
     reads = _count_statements(sqlite_store, "SELECT doc")
     r2 = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED)
     assert len(reads) == 1  # the copy did not match the stored row: read it
     stored = await sqlite_store.get_execution(e.id)
     assert stored == r2.execution
-    assert (stored.spec_hash, stored.job.Metadata.ClientID) == original
+    assert (stored.ask_trace, stored.job.Metadata.ClientID) == original
     assert stored.version == 3
 
 
@@ -1542,16 +1543,41 @@ async def test_sqlite_update_follows_a_row_changed_behind_its_back(
     other = sqlite3.connect(db_path, isolation_level=None)
     try:
         doc = other.execute("SELECT doc FROM executions WHERE id = ?", (e.id,)).fetchone()[0]
-        needle = b'"spec_hash":"%s"' % e.spec_hash.encode()
+        needle = b'"ask_trace":%s' % msgspec.json.encode(e.ask_trace)
         assert needle in doc
-        changed = doc.replace(needle, b'"spec_hash":"by hand"')
+        changed = doc.replace(needle, b'"ask_trace":{"by":"hand"}')
         other.execute("UPDATE executions SET doc = ? WHERE id = ?", (changed, e.id))
     finally:
         other.close()
     r = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED, expected_version=2)
-    assert (r.execution.version, r.execution.spec_hash) == (3, "by hand")
-    assert (await sqlite_store.get_execution(e.id)).spec_hash == "by hand"
+    assert (r.execution.version, r.execution.ask_trace) == (3, {"by": "hand"})
+    assert (await sqlite_store.get_execution(e.id)).ask_trace == {"by": "hand"}
     assert [h.new_version for h in await sqlite_store.get_history(e.id)] == [1, 2, 3]
+
+
+async def test_sqlite_reads_a_document_with_a_field_it_no_longer_has(
+    sqlite_store: SqliteStore, db_path: Path
+) -> None:
+    """Nodes before this one kept ``spec_hash`` (a hash of the Spec) in each document: such a
+    row still reads, and its next update writes the document without it."""
+    e = await created(sqlite_store)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        doc = other.execute("SELECT doc FROM executions WHERE id = ?", (e.id,)).fetchone()[0]
+        old = doc.replace(b',"ask_reply":', b',"spec_hash":"%s","ask_reply":' % (b"ab" * 32), 1)
+        assert old != doc
+        other.execute("UPDATE executions SET doc = ? WHERE id = ?", (old, e.id))
+    finally:
+        other.close()
+    assert await sqlite_store.get_execution(e.id) == e
+    r = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED, expected_version=1)
+    assert r.execution.version == 2
+    check = sqlite3.connect(db_path)
+    try:
+        (doc,) = check.execute("SELECT doc FROM executions WHERE id = ?", (e.id,)).fetchone()
+    finally:
+        check.close()
+    assert b"spec_hash" not in doc
 
 
 async def test_sqlite_racing_updates_of_one_execution_in_one_group(
@@ -1592,9 +1618,9 @@ async def test_sqlite_update_survives_a_copy_its_holder_broke(sqlite_store: Sqli
     update reads the stored row and goes through."""
     e = await created(sqlite_store)
     r1 = await move(sqlite_store, e.id, S.BID_ACCEPTED, Cause.BID_ACCEPTED)
-    r1.execution.spec_hash = object()  # type: ignore[assignment]
+    r1.execution.ask_trace = object()  # type: ignore[assignment]
     r2 = await move(sqlite_store, e.id, S.RUNNING, Cause.RUN_STARTED)
-    assert (r2.execution.version, r2.execution.spec_hash) == (3, e.spec_hash)
+    assert (r2.execution.version, r2.execution.ask_trace) == (3, e.ask_trace)
     assert await sqlite_store.get_execution(e.id) == r2.execution
 
 

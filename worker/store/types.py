@@ -35,7 +35,6 @@ class Execution(msgspec.Struct, kw_only=True):
     update_time: datetime
     latest_comment: str = ""
     last_cause: str = Cause.ASK_FOR_BID.value
-    spec_hash: str = ""  # hash of the canonical Spec encoding: a repeated ask is compared on it
     ask_reply: bytes = b""  # the AskForBidResponse as first sent, for duplicate asks
     deadline: datetime | None = None  # deadline of the current waiting state (UTC)
     trace: dict[str, str] = msgspec.field(default_factory=dict)  # BidAccepted's trace context
