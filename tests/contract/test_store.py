@@ -1555,6 +1555,34 @@ async def test_sqlite_update_follows_a_row_changed_behind_its_back(
     assert [h.new_version for h in await sqlite_store.get_history(e.id)] == [1, 2, 3]
 
 
+async def test_sqlite_create_after_another_writer_took_the_next_ord(
+    sqlite_store: SqliteStore, db_path: Path
+) -> None:
+    """The store counts ``ord`` itself. A row another writer added took the number it
+    would give next: the create asks the database and goes through, still in order."""
+    first = await created(sqlite_store)
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        other.execute(
+            "INSERT INTO executions (id, ord, job_id, requester, state, version, create_us,"
+            " update_us, deadline_us, last_cause, doc) SELECT 'e-by-hand', ord + 1, job_id,"
+            " requester, state, version, create_us, update_us, deadline_us, last_cause, doc"
+            " FROM executions WHERE id = ?",
+            (first.id,),
+        )
+    finally:
+        other.close()
+    second = await created(sqlite_store)
+    third = await created(sqlite_store)
+    check = sqlite3.connect(db_path)
+    try:
+        ords = dict(check.execute("SELECT id, ord FROM executions").fetchall())
+    finally:
+        check.close()
+    assert ords[first.id] < ords["e-by-hand"] < ords[second.id] < ords[third.id]
+    assert await sqlite_store.get_execution(second.id) == second
+
+
 async def test_sqlite_reads_a_document_with_a_field_it_no_longer_has(
     sqlite_store: SqliteStore, db_path: Path
 ) -> None:

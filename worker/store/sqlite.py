@@ -152,6 +152,7 @@ class SqliteStore:
         # job: an update starts from it instead of reading and decoding the row, if it still
         # encodes to the stored row (``sqlite_ops.update`` checks that). Terminal ones leave.
         self._latest: dict[str, ops.Known] = {}
+        self._ords = ops.Ords()
 
     @property
     def path(self) -> Path:
@@ -279,7 +280,7 @@ class SqliteStore:
         key = (execution.requester, execution.job_id)
         self._live[key] += 1
         try:
-            stored = await self._write(ops.create, execution, comment)
+            stored = await self._write(ops.create, execution, comment, self._ords)
         except BaseException:
             self._forget(key)
             raise

@@ -73,7 +73,30 @@ __all__ = [
 Known = tuple[Execution, int, bytes]
 
 
-def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> Known:
+class Ords:
+    """The ``ord`` of the next new execution, counted by the store that writes them: a
+    create then skips a ``MAX(ord)`` query (~4 µs of the ~150 an ask and its reject cost).
+    Asked of the database when not known yet, and again when another writer has taken
+    the number. Numbers of a rolled-back create are not reused: ``ord`` is an order, and
+    gaps do not change it."""
+
+    __slots__ = ("_next",)
+
+    def __init__(self) -> None:
+        self._next: int | None = None
+
+    def take(self, conn: sqlite3.Connection) -> int:
+        taken = self._next
+        if taken is None:
+            (taken,) = conn.execute("SELECT IFNULL(MAX(ord), 0) + 1 FROM executions").fetchone()
+        self._next = taken + 1
+        return taken
+
+    def forget(self) -> None:
+        self._next = None
+
+
+def create(conn: sqlite3.Connection, execution: Execution, comment: str, ords: Ords) -> Known:
     """Insert ``execution``, its job and its first history row."""
     try:
         validate_new(execution)
@@ -83,18 +106,23 @@ def create(conn: sqlite3.Connection, execution: Execution, comment: str) -> Know
             raise AlreadyExistsError(f"execution already exists: {execution.id}") from None
         raise
     stored = normalize(execution)
-    # Asked apart: cheaper than the INSERT's RETURNING (a statement on a hot index page).
-    (ord_,) = conn.execute("SELECT IFNULL(MAX(ord), 0) + 1 FROM executions").fetchone()
-    try:
-        conn.execute(
-            "INSERT INTO executions (job_id, requester, state, version, update_us, deadline_us,"
-            " last_cause, doc, id, create_us, ord) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (*execution_params(stored), to_us(stored.create_time), ord_),
-        )
-    except sqlite3.IntegrityError as exc:  # one statement fewer than asking first
-        if "executions.id" in str(exc):
-            raise AlreadyExistsError(f"execution already exists: {execution.id}") from None
-        raise
+    params = (*execution_params(stored), to_us(stored.create_time))
+    for tries_left in (1, 0):
+        ord_ = ords.take(conn)
+        try:
+            conn.execute(
+                "INSERT INTO executions (job_id, requester, state, version, update_us,"
+                " deadline_us, last_cause, doc, id, create_us, ord)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (*params, ord_),
+            )
+            break
+        except sqlite3.IntegrityError as exc:  # one statement fewer than asking first
+            if "executions.id" in str(exc):
+                raise AlreadyExistsError(f"execution already exists: {execution.id}") from None
+            ords.forget()  # another writer took the number: ask the database
+            if not tries_left or "executions.ord" not in str(exc):
+                raise
     job = encode_job(stored.job)
     conn.execute("INSERT INTO jobs (execution_ord, job) VALUES (?, ?)", (ord_, job))
     insert_history(conn, creation_history(stored, comment), ord_)
