@@ -183,11 +183,6 @@ def test_recased_keys_and_enums_decode_the_same(name: str, seed: int) -> None:
     assert msgspec.json.encode(got) == msgspec.json.encode(want)
 
 
-def _v0325_files() -> list[str]:
-    """The files a node bids on (other job models are declined before anything is stored)."""
-    return [n for n in _files() if n.startswith("<") or _is_v0325(_load(n))]
-
-
 @pytest.mark.parametrize("name", _v0325_files())
 def test_a_stored_spec_is_the_same_spec_when_asked_again(name: str) -> None:
     """A repeated ask is compared with the Spec as the store gave it back: every real Spec
