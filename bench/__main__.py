@@ -83,6 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("--only", default="", help=f"comma-separated groups of {','.join(GROUPS)}")
     run.add_argument("--worker-tree", default="", help="source tree of the node to measure")
     run.add_argument("--rev", default="", help="measure worker/ as committed at this git rev")
+    run.add_argument(
+        "--no-settle",
+        action="store_true",
+        help="do not hold e2e back after a recent run's clean-up (ext4 without a journal)",
+    )
 
     cmp = sub.add_parser("compare", help="compare two result files (before/after)")
     cmp.add_argument("a", type=Path)
@@ -166,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                 tree=tree,
                 source=source,
                 code_hash=code_hash,
+                settle=not args.no_settle,
             )
         )
 
