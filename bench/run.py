@@ -388,7 +388,7 @@ async def main(
             log(
                 f"bench: a bench run deleted its files {run.since_cleanup:.0f} s ago; on an"
                 f" ext4 without a journal new files stay slow for up to {SETTLE_S} s after"
-                " that (bench/README.md), so e2e runs last and not before then"
+                " that (bench/README.md), so e2e waits until then (and runs late in the run)"
             )
         else:
             log(
