@@ -91,8 +91,19 @@ class InlineWriter:
         conn = self._conn
         async with self._call_lock:
             self._calls += 1
+            done = asyncio.ensure_future(asyncio.to_thread(fn, conn, *args))
             try:
-                return await asyncio.to_thread(fn, conn, *args)
+                return await asyncio.shield(done)
+            except asyncio.CancelledError:
+                # The thread goes on using the connection (a RESTART checkpoint when the
+                # store closes, say): it stays the thread's, this call holding the lock,
+                # until it is done. Closing it under the thread crashed the process.
+                while not done.done():
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await asyncio.wait({done})
+                if not done.cancelled():
+                    done.exception()  # retrieved: the caller gave up on the result
+                raise
             finally:
                 self._calls -= 1
                 if self._pending:
