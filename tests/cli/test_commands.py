@@ -17,8 +17,8 @@ import yaml
 from schemas.codec import decode
 from schemas.job import Job
 from tests.cli import clean_env, invoke
-from tests.conftest import nats_server_bin
 from tests.helpers import assert_eventually
+from tests.natsproc import nats_server_bin
 from worker import cli
 from worker.cli_common import CommandError, default_requester_id
 from worker.cli_jobs import Pick, chooser, load_job

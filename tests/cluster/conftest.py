@@ -43,8 +43,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import ServiceUnavailableError
 
 from schemas.job import Job
-from tests.conftest import nats_server_bin
 from tests.helpers import assert_eventually
+from tests.natsproc import nats_server_bin
 from worker.config import Config
 from worker.node import Node
 from worker.plugins import Plugins

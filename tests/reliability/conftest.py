@@ -51,7 +51,7 @@ from nats.js.errors import NotFoundError as JsNotFoundError
 from schemas.codec import decode
 from schemas.compute import ExecutionState
 from schemas.job import Engine, Job, Metadata, ResourcesConfig, Spec
-from tests.conftest import NatsServer
+from tests.natsproc import NatsServer
 from worker.requester import Requester, RequestFailed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -100,7 +100,7 @@ async def wait_for(
 
 
 class Broker(NatsServer):
-    """tests.conftest.NatsServer plus kill -9 and a restart on the same port and store."""
+    """tests.natsproc.NatsServer plus kill -9 and a restart on the same port and store."""
 
     def kill9(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

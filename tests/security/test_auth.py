@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.conftest import nats_server_bin
+from tests.natsproc import nats_server_bin
 
 WORKER = [sys.executable, "-m", "worker"]
 CONNECT_TIMEOUT = "2s"

@@ -7,7 +7,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from tests.conftest import nats_server_bin
+from tests.natsproc import nats_server_bin
 from worker.streams import stream_config
 from worker.transport.subjects import Subjects
 

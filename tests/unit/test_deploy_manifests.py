@@ -26,7 +26,7 @@ import nkeys
 import pytest
 import yaml
 
-from tests.conftest import nats_server_bin
+from tests.natsproc import nats_server_bin
 from worker.config import load_config
 from worker.durations import parse as parse_duration
 
