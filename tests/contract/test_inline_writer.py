@@ -31,11 +31,12 @@ async def test_a_cancelled_call_keeps_the_connection_until_its_thread_is_done(
     assert await asyncio.to_thread(started.wait, 10)
     call.cancel()  # the store's close cancels its checkpoints
     stop = asyncio.create_task(writer.stop())
-    await asyncio.sleep(0.1)
+    for _ in range(20):  # turns of the loop, not time: stop cannot end while slow runs
+        await asyncio.sleep(0)
     assert not stop.done(), "the connection was closed under a running call"
     release.set()
     await stop
-    assert after == [1]
+    assert after == [1]  # the thread's last statement ran on an open connection
     assert call.cancelled()
 
 
@@ -43,11 +44,17 @@ async def test_a_write_waits_for_a_call_and_then_commits(tmp_path: Path) -> None
     writer = InlineWriter(tmp_path / "w.db", asyncio.get_running_loop(), busy_timeout=1.0)
     await writer.start()
     await writer.call(lambda c: c.execute("CREATE TABLE t (x INTEGER)"))
-    release = threading.Event()
-    call = asyncio.create_task(writer.call(lambda c: release.wait(10)))
-    await asyncio.sleep(0.05)
+    started, release = threading.Event(), threading.Event()
+
+    def hold(conn: sqlite3.Connection) -> None:
+        started.set()
+        release.wait(10)
+
+    call = asyncio.create_task(writer.call(hold))
+    assert await asyncio.to_thread(started.wait, 10)
     write = asyncio.create_task(writer.write(lambda c: c.execute("INSERT INTO t VALUES (1)")))
-    await asyncio.sleep(0.05)
+    for _ in range(20):  # turns of the loop: the write cannot commit while hold runs
+        await asyncio.sleep(0)
     assert not write.done()
     release.set()
     await call
