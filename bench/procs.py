@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import sys
 import time
@@ -20,6 +21,21 @@ from tests import natsproc
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+
+# Written next to the bench's temp dirs when one is deleted. On an ext4 without a journal
+# new inodes are slow for up to SETTLE_S after many were deleted (bench/README.md): the
+# kernel's allocator skips inodes deleted in the last 60 s, 360 s while their inode table
+# block is dirty. A run's e2e waits that long after the last mark (``bench.run``).
+CLEANUP_MARK = "worker-bench-cleanup"
+SETTLE_S = 360
+
+
+def remove_tree(root: Path) -> None:
+    """Delete a bench temp dir (a run's, a profile's, a walmap's) and leave the clean-up
+    mark beside it, so that the next run's e2e does not measure these deletions."""
+    shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        (root.parent / CLEANUP_MARK).write_text(f"{time.time():.0f}\n")
 
 
 def node_env(pythonpath: str) -> dict[str, str]:

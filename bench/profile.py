@@ -28,7 +28,7 @@ import nats
 
 from bench import netbench as nb
 from bench import wire
-from bench.procs import NatsServer, NodeProc
+from bench.procs import NatsServer, NodeProc, remove_tree
 
 IDLE = ("EpollSelector.select", "_connection_worker_thread (aiosqlite/core.py:59)")
 
@@ -208,13 +208,14 @@ async def profile(
         if recorder is not None:
             _, err = recorder.communicate(timeout=seconds + 60)
             if recorder.returncode != 0 or not perf_data.exists():
-                raise SystemExit(f"perf record failed ({recorder.returncode}): {err.strip()}")
-            native = out.with_suffix(".native.txt")
-            native.write_text(native_summary(perf_data))
-            print(native.read_text())
-            print(f"native profile {native} (perf data {perf_data})")
+                problem = err.decode(errors="replace").strip()
+                raise SystemExit(f"perf record failed ({recorder.returncode}): {problem}")
+            summary = out.with_suffix(".native.txt")
+            summary.write_text(native_summary(perf_data))
+            print(summary.read_text())
+            print(f"native profile {summary} (perf data {perf_data})")
     finally:
         await asyncio.gather(*(x.stop() for x in nodes), return_exceptions=True)
         server.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        remove_tree(root)  # marked: a run right after waits for the disk
     return 0

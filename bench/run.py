@@ -22,7 +22,6 @@ import asyncio
 import contextlib
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,7 +40,16 @@ from bench import netbench as nb
 from bench import netgroups, stategroups, wire
 from bench.figures import figures
 from bench.load import INFLIGHT, LoadResult
-from bench.procs import CpuMeter, Echo, NatsServer, NodeProc, loadavg
+from bench.procs import (
+    CLEANUP_MARK,
+    SETTLE_S,
+    CpuMeter,
+    Echo,
+    NatsServer,
+    NodeProc,
+    loadavg,
+    remove_tree,
+)
 from bench.report import table, write
 
 REPO = Path(__file__).resolve().parent.parent
@@ -260,9 +268,7 @@ class Run:
                 with contextlib.suppress(Exception):
                     await self.nc.close()
             self.server.stop()
-            shutil.rmtree(self.root, ignore_errors=True)
-            with contextlib.suppress(OSError):  # for the next run's warning
-                (self.root.parent / CLEANUP_MARK).write_text(f"{time.time():.0f}\n")
+            remove_tree(self.root)  # and mark it, for the next run's settle wait
 
 
 # --- meta -------------------------------------------------------------------------------
@@ -300,7 +306,7 @@ def meta(run: Run, source: str, code_hash: str, started: float) -> dict[str, Any
         "worker_rev": (rev + "+dirty" if dirty else rev) if rev else "(not a git tree)",
         "python": sys.version.split()[0],
         # Which build: one 3.11 differs from another by ~7 % in CPU per job (README).
-        "python_build": f"{os.path.realpath(sys._base_executable)}"
+        "python_build": f"{os.path.realpath(getattr(sys, '_base_executable', sys.executable))}"
         f" ({platform.python_compiler()}, {' '.join(platform.python_build())})",
         "nats_server": nats_version,
         "host": {
@@ -315,17 +321,9 @@ def meta(run: Run, source: str, code_hash: str, started: float) -> dict[str, Any
     }
 
 
-# Written next to the runs' temp dirs when a run has deleted its own. On an ext4 without a
-# journal new inodes are slow for up to SETTLE_S after many were deleted (bench/README.md):
-# the kernel's allocator skips inodes deleted in the last 60 s, 360 s while their inode
-# table block is dirty.
-CLEANUP_MARK = "worker-bench-cleanup"
-SETTLE_S = 360
-
-
 def since_cleanup(root: Path) -> float | None:
-    """Seconds since an earlier run deleted its temp dir beside ``root``; None when that
-    was SETTLE_S or more ago (or never)."""
+    """Seconds since an earlier run, profile or walmap deleted its temp dir beside
+    ``root``; None when that was SETTLE_S or more ago (or never)."""
     try:
         age = time.time() - float((root.parent / CLEANUP_MARK).read_text())
     except (OSError, ValueError):
@@ -386,13 +384,13 @@ async def main(
         if settle and not quick:
             run.settle_until = time.time() + SETTLE_S - run.since_cleanup
             log(
-                f"bench: a bench run deleted its files {run.since_cleanup:.0f} s ago; on an"
+                f"bench: the bench deleted its files {run.since_cleanup:.0f} s ago; on an"
                 f" ext4 without a journal new files stay slow for up to {SETTLE_S} s after"
                 " that (bench/README.md), so e2e waits until then (and runs late in the run)"
             )
         else:
             log(
-                f"bench: WARNING: a bench run deleted its files {run.since_cleanup:.0f} s ago;"
+                f"bench: WARNING: the bench deleted its files {run.since_cleanup:.0f} s ago;"
                 f" on an ext4 without a journal new files stay slow for up to {SETTLE_S} s"
                 " after that (bench/README.md), so this run's e2e figure will be low"
             )
