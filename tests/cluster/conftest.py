@@ -44,7 +44,7 @@ from nats.js.errors import ServiceUnavailableError
 
 from schemas.job import Job
 from tests.helpers import assert_eventually
-from tests.natsproc import nats_server_bin
+from tests.natsproc import nats_server_bin, stop_process
 from worker.config import Config
 from worker.node import Node
 from worker.plugins import Plugins
@@ -168,13 +168,7 @@ class Server:
             self.proc.wait(10)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
+        stop_process(self.proc)
 
     def log_tail(self, lines: int = 20) -> str:
         try:
