@@ -1,11 +1,13 @@
-"""Test helpers: wait for a condition instead of sleeping."""
+"""Test helpers: wait for a condition instead of sleeping; a loopback HTTP server base."""
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from http.server import ThreadingHTTPServer
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -34,3 +36,15 @@ async def assert_eventually(
                 raise last
             raise AssertionError(f"condition not met within {timeout}s")
         await asyncio.sleep(interval)
+
+
+class LoopbackHTTPServer(ThreadingHTTPServer):
+    """A test HTTP server whose handler threads do not outlive it, and which does not print
+    a traceback when a client hangs up early (what the size-limit and timeout tests make
+    the node do); any other handler error is printed as usual."""
+
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)

@@ -5,22 +5,21 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
 from schemas.job import StorageSource, StorageSpec
+from tests.helpers import LoopbackHTTPServer
 from worker.errors import EngineError
 from worker.storage.url import AddressPolicy, GuardedResolver, RefusedAddress, URLDownload
 
 LOOPBACK = ["127.0.0.1/32"]
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True
-
+class Server(LoopbackHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.paths: list[str] = []

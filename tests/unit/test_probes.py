@@ -7,14 +7,14 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
 
 from schemas.job import Engine, Job, Metadata, Spec
-from tests.helpers import assert_eventually
+from tests.helpers import LoopbackHTTPServer, assert_eventually
 from worker.bidding import BidDecision, BidRequest, ExecProbe, HttpProbe, make_probes
 from worker.bidding.probes import ENV_NAME, probe_payload
 
@@ -89,9 +89,7 @@ def test_exec_validation() -> None:
 # -- http ----------------------------------------------------------------------------------
 
 
-class ProbeServer(ThreadingHTTPServer):
-    daemon_threads = True
-
+class ProbeServer(LoopbackHTTPServer):
     def __init__(self) -> None:
         super().__init__(("127.0.0.1", 0), Handler)
         self.release = threading.Event()
