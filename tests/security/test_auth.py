@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.natsproc import nats_server_bin
+from tests.natsproc import nats_server_bin, stop_process
 
 WORKER = [sys.executable, "-m", "worker"]
 CONNECT_TIMEOUT = "2s"
@@ -69,16 +69,6 @@ def start_broker(workdir: Path, auth: str) -> tuple[subprocess.Popen[bytes], Bro
                 raise RuntimeError("nats-server did not start") from None
             time.sleep(0.01)
     return proc, Broker(url=url, workdir=workdir)
-
-
-def stop_broker(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
 
 
 async def spawn(
@@ -192,7 +182,7 @@ def password_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker
         'authorization { user: "alice", password: "right-pw-1234" }\n',
     )
     yield broker
-    stop_broker(proc)
+    stop_process(proc)
 
 
 async def test_password_from_env(password_broker: Broker, tmp_path: Path) -> None:
@@ -255,7 +245,7 @@ def token_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
         tmp_path_factory.mktemp("tok"), 'authorization { token: "right-token-abcd" }\n'
     )
     yield broker
-    stop_broker(proc)
+    stop_process(proc)
 
 
 async def test_token_file(token_broker: Broker, tmp_path: Path) -> None:
@@ -301,7 +291,7 @@ def nkey_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NkeyBroker
         tmp_path_factory.mktemp("nkey"), f'authorization {{ users: [ {{ nkey: "{public}" }} ] }}\n'
     )
     yield NkeyBroker(url=broker.url, workdir=broker.workdir, seed=seed)
-    stop_broker(proc)
+    stop_process(proc)
 
 
 async def test_nkey_seed(nkey_broker: NkeyBroker, tmp_path: Path) -> None:
@@ -434,7 +424,7 @@ def tls_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsBroker]:
         f'ca_file: "{pki.ca}", verify: true, timeout: 2 }}\n',
     )
     yield TlsBroker(url=broker.url, workdir=broker.workdir, pki=pki, rogue=rogue)
-    stop_broker(proc)
+    stop_process(proc)
 
 
 def _tls_args(ca: Path, cert: Path, key: Path) -> list[str]:
