@@ -210,6 +210,10 @@ async def _populated(
     for old in cache.glob(f"{name}-{total}-*"):  # older ones of this variant
         shutil.rmtree(old, ignore_errors=True)
     run.log(f"{name}: populating {total:,} executions via the store API …")
+    for stale in cache.glob("building-*"):  # left by a run that died while populating
+        pid = stale.name.removeprefix("building-")
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
     building = cache / f"building-{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
     populated = await sb.populate(
