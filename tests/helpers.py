@@ -39,9 +39,10 @@ async def assert_eventually(
 
 
 class LoopbackHTTPServer(ThreadingHTTPServer):
-    """A test HTTP server whose handler threads do not outlive it, and which does not print
-    a traceback when a client hangs up early (what the size-limit and timeout tests make
-    the node do); any other handler error is printed as usual."""
+    """A test HTTP server whose handler threads never keep the test process alive
+    (daemon threads), and which does not print a traceback when a client hangs up early
+    (what the size-limit and timeout tests make the node do); any other handler error is
+    printed as usual."""
 
     daemon_threads = True
 
