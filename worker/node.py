@@ -8,6 +8,7 @@ restart policy → subscriptions → first NodeInfo.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -36,6 +37,7 @@ from worker.plugins import Plugins, build_plugins
 from worker.publishers.local import LocalPublisher
 from worker.recovery import Recovery
 from worker.states import Cause
+from worker.store.sqlite import SqliteStore
 from worker.store.types import ExecutionStore
 from worker.streams import ensure_callback_stream
 from worker.tasks import TaskOwner
@@ -171,7 +173,15 @@ class Node:
             deadlines=self._parts.deadlines,
             queue_timeout=c.queue_timeout,
         )
-        await recovery.run()
+        # The node is not serving yet: the WAL's RESTART checkpoint, which makes writes wait
+        # for the disk, comes after recovery's burst of moves instead of in the middle.
+        held = (
+            self.store.restarts.held()
+            if isinstance(self.store, SqliteStore)
+            else contextlib.nullcontext()
+        )
+        with held:
+            await recovery.run()
         self._owner.spawn(self._parts.deadlines.run(), name="deadlines")
         self._owner.spawn(self._retention(), name="retention")
         await self._parts.handler.start()

@@ -1671,6 +1671,47 @@ async def test_sqlite_wal_starts_over_under_steady_writes(
         await store.close()
 
 
+async def test_sqlite_no_wal_restart_while_restarts_are_held(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RESTART checkpoint makes the writes wait for the disk: inside
+    ``restarts.held()`` none starts, however large the WAL, while PASSIVE ones go on;
+    the first check after the block starts the WAL over."""
+    monkeypatch.setattr(sqlite_wal, "CHECKPOINT_INTERVAL", 0.01)
+    monkeypatch.setattr(sqlite_wal, "WAL_RESTART_FRAMES", 20)
+    calls = {"passive": 0, "restart": 0}
+    passive, restart = sqlite_wal.passive_checkpoint, sqlite_wal.restart_checkpoint
+
+    def counted_passive(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        calls["passive"] += 1
+        return passive(conn)
+
+    def counted_restart(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        calls["restart"] += 1
+        return restart(conn)
+
+    monkeypatch.setattr(sqlite_wal, "passive_checkpoint", counted_passive)
+    monkeypatch.setattr(sqlite_wal, "restart_checkpoint", counted_restart)
+    db_path.parent.mkdir(parents=True)
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        with store.restarts.held():
+            assert store.restarts.holding
+            for _ in range(100):  # far more than 20 frames of WAL
+                e = await created(store)
+                await move(store, e.id, S.CANCELLED, Cause.BID_REJECTED)
+            seen = calls["passive"]
+            await assert_eventually(lambda: calls["passive"] >= seen + 3)
+            assert calls["restart"] == 0
+        assert not store.restarts.holding
+        await assert_eventually(lambda: calls["restart"] >= 1)
+        assert await store.count() == 100
+        assert await store.pragma("integrity_check") == "ok"
+    finally:
+        await store.close()
+
+
 async def _steady_writes(sqlite_store: SqliteStore, wal: Path) -> None:
     pairs, sizes = 0, [0]
 

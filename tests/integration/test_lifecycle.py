@@ -22,6 +22,7 @@ from worker.capacity.usage import ResourceUsage
 from worker.engines.noop import NoopEngine
 from worker.plugins import Plugins
 from worker.publishers.noop import NoopPublisher
+from worker.recovery import Recovery
 from worker.requester import Requester, RequestFailed
 from worker.states import Cause, transition
 from worker.store import SqliteStore
@@ -187,6 +188,27 @@ async def _waiting_executions(db: Path, per_state: int, *, past: datetime) -> di
     finally:
         await store.close()
     return states
+
+
+async def test_recovery_runs_with_the_wal_restarts_held(
+    make_node: NodeFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Recovery's moves are a burst the start-up waits for: no RESTART checkpoint (writes
+    waiting for the disk, 0.2 s of a 0.85 s recovery on ext4) starts in the middle of
+    it. The hold ends with recovery (the store's own test shows what it holds back)."""
+    holding: list[bool] = []
+    original = Recovery.run
+
+    async def run(self: Recovery) -> None:
+        assert isinstance(self.store, SqliteStore)
+        holding.append(self.store.restarts.holding)
+        await original(self)
+
+    monkeypatch.setattr(Recovery, "run", run)
+    node = await make_node("n1")
+    assert holding == [True]
+    assert isinstance(node.store, SqliteStore)
+    assert not node.store.restarts.holding
 
 
 async def test_restart_after_a_long_stop_expires_the_waiting_executions_together(

@@ -144,6 +144,7 @@ class SqliteStore:
         # they must not queue in the writer's thread behind a write waiting out busy_timeout.
         self._reader: aiosqlite.Connection | None = None
         self._checkpointer: asyncio.Task[None] | None = None
+        self.restarts = wal.Restarts()  # ``with store.restarts.held():`` a burst of writes
         # Live executions per (requester, job): a new job's ask (the common case) learns
         # that it has none without a thread hop. It may over-count for a moment (then the
         # query answers), never under-count: +1 before a create, -1 once a move is terminal.
@@ -196,7 +197,7 @@ class SqliteStore:
         return 0 if reader is None else (await _in_thread(reader, wal.passive_checkpoint))[1]
 
     async def _restart_checkpoint(self) -> None:  # on the writer's connection, writes wait
-        if self._db is not None:
+        if self._db is not None and not self.restarts.holding:
             await self._db.call(wal.restart_checkpoint)
 
     async def close(self) -> None:

@@ -12,6 +12,12 @@ writer's connection: the writes wait for it, off the event loop (2-4 ms here at 
 load, 15-45 ms at full load, where it comes every half second); the next commit starts
 the WAL over, and the writer's ``journal_size_limit`` (``migrate.JOURNAL_SIZE_LIMIT``)
 gives the space back.
+
+A RESTART checkpoint also waits until the database file is on disk, and the writes wait
+with it: 0.2 s on ext4 after the 5,000 moves of a start-up recovery, a fifth of its time.
+Inside ``Restarts.held()`` none starts (PASSIVE ones go on beside the writes), so a burst
+its caller waits for as a whole does not pay that; the first check after starts the WAL
+over.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sqlite3
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 
 CHECKPOINT_INTERVAL = 0.5  # seconds between PASSIVE checkpoints
 # WAL frames (pages, 4 KiB) past which a checkpoint holds the writes back until it is
@@ -44,6 +50,26 @@ def restart_checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
     finally:
         conn.execute(f"PRAGMA busy_timeout = {previous}")
     return int(row[0]), int(row[1]), int(row[2])
+
+
+class Restarts:
+    """Whether a RESTART checkpoint may start now (see the module)."""
+
+    def __init__(self) -> None:
+        self._held = 0
+
+    @property
+    def holding(self) -> bool:
+        return self._held > 0
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        """No RESTART checkpoint starts inside the block (one already running finishes)."""
+        self._held += 1
+        try:
+            yield
+        finally:
+            self._held -= 1
 
 
 async def checkpoints(
