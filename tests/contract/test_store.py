@@ -1712,6 +1712,37 @@ async def test_sqlite_no_wal_restart_while_restarts_are_held(
         await store.close()
 
 
+async def test_sqlite_held_restarts_still_bound_the_wal(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hold must not let a huge backlog fill the disk: past HELD_MAX_FRAMES a RESTART
+    runs all the same, and the WAL is started over."""
+    monkeypatch.setattr(sqlite_wal, "CHECKPOINT_INTERVAL", 0.01)
+    monkeypatch.setattr(sqlite_wal, "WAL_RESTART_FRAMES", 20)
+    monkeypatch.setattr(sqlite_wal, "HELD_MAX_FRAMES", 40)
+    restarts: list[int] = []
+    restart = sqlite_wal.restart_checkpoint
+
+    def counted(conn: sqlite3.Connection) -> tuple[int, int, int]:
+        result = restart(conn)
+        restarts.append(result[1])
+        return result
+
+    monkeypatch.setattr(sqlite_wal, "restart_checkpoint", counted)
+    db_path.parent.mkdir(parents=True)
+    store = SqliteStore(db_path)
+    await store.open()
+    try:
+        with store.restarts.held():
+            for _ in range(100):  # far more than 40 frames of WAL
+                e = await created(store)
+                await move(store, e.id, S.CANCELLED, Cause.BID_REJECTED)
+            await assert_eventually(lambda: len(restarts) >= 1)
+        assert await store.pragma("integrity_check") == "ok"
+    finally:
+        await store.close()
+
+
 async def _steady_writes(sqlite_store: SqliteStore, wal: Path) -> None:
     pairs, sizes = 0, [0]
 

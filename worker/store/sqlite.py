@@ -196,8 +196,8 @@ class SqliteStore:
         reader = self._reader
         return 0 if reader is None else (await _in_thread(reader, wal.passive_checkpoint))[1]
 
-    async def _restart_checkpoint(self) -> None:  # on the writer's connection, writes wait
-        if self._db is not None and not self.restarts.holding:
+    async def _restart_checkpoint(self, frames: int) -> None:  # on the writer's, writes wait
+        if self._db is not None and self.restarts.allows(frames):
             await self._db.call(wal.restart_checkpoint)
 
     async def close(self) -> None:

@@ -15,9 +15,9 @@ gives the space back.
 
 A RESTART checkpoint also waits until the database file is on disk, and the writes wait
 with it: 0.2 s on ext4 after the 5,000 moves of a start-up recovery, a fifth of its time.
-Inside ``Restarts.held()`` none starts (PASSIVE ones go on beside the writes), so a burst
-its caller waits for as a whole does not pay that; the first check after starts the WAL
-over.
+Inside ``Restarts.held()`` none starts (PASSIVE ones go on beside the writes) until the
+WAL passes HELD_MAX_FRAMES, so a burst its caller waits for as a whole does not pay that;
+the first check after starts the WAL over.
 """
 
 from __future__ import annotations
@@ -31,6 +31,9 @@ CHECKPOINT_INTERVAL = 0.5  # seconds between PASSIVE checkpoints
 # WAL frames (pages, 4 KiB) past which a checkpoint holds the writes back until it is
 # done, so that the next commit starts the WAL over.
 WAL_RESTART_FRAMES = 4096
+# While restarts are held (``Restarts.held``), the WAL may grow to this many frames (256
+# MiB) before one runs all the same: a hold must not let a huge backlog fill the disk.
+HELD_MAX_FRAMES = 65_536
 
 
 def passive_checkpoint(conn: sqlite3.Connection) -> tuple[int, int, int]:
@@ -62,9 +65,14 @@ class Restarts:
     def holding(self) -> bool:
         return self._held > 0
 
+    def allows(self, frames: int) -> bool:
+        """Whether a RESTART may run with ``frames`` in the WAL."""
+        return not self._held or frames > HELD_MAX_FRAMES
+
     @contextlib.contextmanager
     def held(self) -> Iterator[None]:
-        """No RESTART checkpoint starts inside the block (one already running finishes)."""
+        """No RESTART checkpoint starts inside the block unless the WAL is past
+        HELD_MAX_FRAMES (one already running finishes)."""
         self._held += 1
         try:
             yield
@@ -73,13 +81,13 @@ class Restarts:
 
 
 async def checkpoints(
-    passive: Callable[[], Awaitable[int]], restart: Callable[[], Awaitable[object]]
+    passive: Callable[[], Awaitable[int]], restart: Callable[[int], Awaitable[object]]
 ) -> None:
     """Forever: ``passive()`` (a PASSIVE checkpoint, returning the frames in the WAL)
-    every ``CHECKPOINT_INTERVAL``, and ``restart()`` when they are past
+    every ``CHECKPOINT_INTERVAL``, and ``restart(frames)`` when they are past
     ``WAL_RESTART_FRAMES``. A failed checkpoint is tried again next time."""
     while True:
         await asyncio.sleep(CHECKPOINT_INTERVAL)
         with contextlib.suppress(sqlite3.Error):
-            if await passive() > WAL_RESTART_FRAMES:
-                await restart()
+            if (frames := await passive()) > WAL_RESTART_FRAMES:
+                await restart(frames)
