@@ -283,13 +283,21 @@ def _git(*args: str, cwd: Path) -> str:
         return ""
 
 
-def meta(run: Run, source: str, code_hash: str, started: float) -> dict[str, Any]:
+def revision(source: str) -> tuple[Path, str, str]:
+    """(the measured tree, its git revision, its uncommitted changes to worker/ and
+    schemas/), read when the run starts: the code was copied then, and commits made
+    during a run must not relabel it."""
     if source.startswith("git:"):
-        where, rev, dirty = REPO, _git("rev-parse", "--short", source[4:], cwd=REPO), ""
-    else:
-        where = Path(source).resolve() if source else REPO
-        rev = _git("rev-parse", "--short", "HEAD", cwd=where)
-        dirty = _git("status", "--porcelain", "--", "worker", "schemas", cwd=where)
+        return REPO, _git("rev-parse", "--short", source[4:], cwd=REPO), ""
+    where = Path(source).resolve() if source else REPO
+    rev = _git("rev-parse", "--short", "HEAD", cwd=where)
+    return where, rev, _git("status", "--porcelain", "--", "worker", "schemas", cwd=where)
+
+
+def meta(
+    run: Run, source: str, code_hash: str, started: float, measured: tuple[Path, str, str]
+) -> dict[str, Any]:
+    where, rev, dirty = measured
     nats_version = subprocess.run(
         [str(Path(sys.executable).parent / "nats-server"), "--version"],
         capture_output=True,
@@ -368,6 +376,7 @@ async def main(
 ) -> int:
     plan = Plan.make(quick)
     t0 = time.perf_counter()
+    measured = revision(source)
 
     def log(line: str) -> None:
         print(line, flush=True)
@@ -398,7 +407,7 @@ async def main(
         await run.execute(only)
     finally:
         figs = figures(run.raw, plan)
-        m = meta(run, source, code_hash, t0)
+        m = meta(run, source, code_hash, t0, measured)
         write(out, m, figs, run.raw)
         log("")
         log(table(figs))
