@@ -1671,36 +1671,42 @@ async def test_sqlite_wal_starts_over_under_steady_writes(
         await store.close()
 
 
+def _count_checkpoints(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+    """Checkpoints every 10 ms, a RESTART past 20 frames, and how many of each ran."""
+    monkeypatch.setattr(sqlite_wal, "CHECKPOINT_INTERVAL", 0.01)
+    monkeypatch.setattr(sqlite_wal, "WAL_RESTART_FRAMES", 20)
+    calls = {"passive": 0, "restart": 0}
+    for kind in list(calls):
+        original = getattr(sqlite_wal, f"{kind}_checkpoint")
+
+        def counted(conn: sqlite3.Connection, kind: str = kind, original: Any = original) -> Any:
+            calls[kind] += 1
+            return original(conn)
+
+        monkeypatch.setattr(sqlite_wal, f"{kind}_checkpoint", counted)
+    return calls
+
+
+async def _create_and_reject(store: SqliteStore, n: int) -> None:
+    for _ in range(n):
+        e = await created(store)
+        await move(store, e.id, S.CANCELLED, Cause.BID_REJECTED)
+
+
 async def test_sqlite_no_wal_restart_while_restarts_are_held(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A RESTART checkpoint makes the writes wait for the disk: inside
     ``restarts.held()`` none starts, however large the WAL, while PASSIVE ones go on;
     the first check after the block starts the WAL over."""
-    monkeypatch.setattr(sqlite_wal, "CHECKPOINT_INTERVAL", 0.01)
-    monkeypatch.setattr(sqlite_wal, "WAL_RESTART_FRAMES", 20)
-    calls = {"passive": 0, "restart": 0}
-    passive, restart = sqlite_wal.passive_checkpoint, sqlite_wal.restart_checkpoint
-
-    def counted_passive(conn: sqlite3.Connection) -> tuple[int, int, int]:
-        calls["passive"] += 1
-        return passive(conn)
-
-    def counted_restart(conn: sqlite3.Connection) -> tuple[int, int, int]:
-        calls["restart"] += 1
-        return restart(conn)
-
-    monkeypatch.setattr(sqlite_wal, "passive_checkpoint", counted_passive)
-    monkeypatch.setattr(sqlite_wal, "restart_checkpoint", counted_restart)
+    calls = _count_checkpoints(monkeypatch)
     db_path.parent.mkdir(parents=True)
     store = SqliteStore(db_path)
     await store.open()
     try:
         with store.restarts.held():
             assert store.restarts.holding
-            for _ in range(100):  # far more than 20 frames of WAL
-                e = await created(store)
-                await move(store, e.id, S.CANCELLED, Cause.BID_REJECTED)
+            await _create_and_reject(store, 100)  # far more than 20 frames of WAL
             seen = calls["passive"]
             await assert_eventually(lambda: calls["passive"] >= seen + 3)
             assert calls["restart"] == 0
@@ -1717,27 +1723,15 @@ async def test_sqlite_held_restarts_still_bound_the_wal(
 ) -> None:
     """A hold must not let a huge backlog fill the disk: past HELD_MAX_FRAMES a RESTART
     runs all the same, and the WAL is started over."""
-    monkeypatch.setattr(sqlite_wal, "CHECKPOINT_INTERVAL", 0.01)
-    monkeypatch.setattr(sqlite_wal, "WAL_RESTART_FRAMES", 20)
+    calls = _count_checkpoints(monkeypatch)
     monkeypatch.setattr(sqlite_wal, "HELD_MAX_FRAMES", 40)
-    restarts: list[int] = []
-    restart = sqlite_wal.restart_checkpoint
-
-    def counted(conn: sqlite3.Connection) -> tuple[int, int, int]:
-        result = restart(conn)
-        restarts.append(result[1])
-        return result
-
-    monkeypatch.setattr(sqlite_wal, "restart_checkpoint", counted)
     db_path.parent.mkdir(parents=True)
     store = SqliteStore(db_path)
     await store.open()
     try:
         with store.restarts.held():
-            for _ in range(100):  # far more than 40 frames of WAL
-                e = await created(store)
-                await move(store, e.id, S.CANCELLED, Cause.BID_REJECTED)
-            await assert_eventually(lambda: len(restarts) >= 1)
+            await _create_and_reject(store, 100)  # far more than 40 frames of WAL
+            await assert_eventually(lambda: calls["restart"] >= 1)
         assert await store.pragma("integrity_check") == "ok"
     finally:
         await store.close()
