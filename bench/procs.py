@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests import natsproc
+from worker import children
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -160,13 +161,11 @@ class NatsServer(natsproc.NatsServer):
 
 async def _terminate(proc: asyncio.subprocess.Process, grace: float) -> int:
     if proc.returncode is None:
-        with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)
+        children.send(proc, signal.SIGTERM)  # not send_signal: see worker/children.py
         try:
             await asyncio.wait_for(proc.wait(), grace)
         except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            children.send(proc, signal.SIGKILL)
             await proc.wait()
     assert proc.returncode is not None
     return proc.returncode

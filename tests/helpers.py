@@ -1,13 +1,17 @@
-"""Test helpers: wait for a condition instead of sleeping; a loopback HTTP server base."""
+"""Test helpers: wait for a condition instead of sleeping; a loopback HTTP server base;
+a record of the child processes polled behind asyncio's child watcher."""
 
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
 from http.server import ThreadingHTTPServer
 from typing import Any, TypeVar
+
+import pytest
 
 T = TypeVar("T")
 
@@ -49,3 +53,19 @@ class LoopbackHTTPServer(ThreadingHTTPServer):
     def handle_error(self, request: Any, client_address: Any) -> None:
         if not isinstance(sys.exc_info()[1], ConnectionError):
             super().handle_error(request, client_address)
+
+
+def record_polls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """The pids ``subprocess.Popen.poll`` runs for from now on. asyncio's ``Process.kill``
+    / ``terminate`` / ``send_signal`` poll first (Python 3.11), and a poll of a child that
+    has just died reaps it behind asyncio's child watcher, which then reports exit status
+    255 (CPython gh-87744; ``worker.children``)."""
+    polled: list[int] = []
+    original = subprocess.Popen.poll
+
+    def poll(self: subprocess.Popen[Any]) -> int | None:
+        polled.append(self.pid)
+        return original(self)
+
+    monkeypatch.setattr(subprocess.Popen, "poll", poll)
+    return polled

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Final
 
+from worker import children
 from worker.datadir import DIR_MODE, write_atomic
 
 MAX_LOG_BYTES: Final = 16 * 1024 * 1024
@@ -183,17 +184,14 @@ class EmbeddedBroker:
             return
         try:
             if proc.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.terminate()
+                children.send(proc, signal.SIGTERM)
                 try:
                     await asyncio.wait_for(proc.wait(), self._stop_timeout)
                 except TimeoutError:
-                    with contextlib.suppress(ProcessLookupError):
-                        proc.kill()
+                    children.send(proc, signal.SIGKILL)
                     await proc.wait()
         except BaseException:  # cancelled while waiting: never leave it running
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            children.send(proc, signal.SIGKILL)
             raise
         finally:
             self._remove_ports_files()

@@ -11,10 +11,8 @@ behind; it also reads chunked bodies, which made Bacalhau's probe panic.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
-import signal
 import ssl
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,6 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from worker.bidding.types import BID, BidDecision, BidRequest, SemanticStrategy, decline
+from worker.children import kill_group
 
 PROBE_TIMEOUT = 2.0
 ENV_NAME = "BACALHAU_JOB_SELECTION_PROBE_DATA"
@@ -36,11 +35,6 @@ def probe_payload(req: BidRequest) -> bytes:
     return msgspec.json.encode(
         {"node_id": req.node_id, "job_id": req.job.Metadata.ID, "spec": req.job.Spec}
     )
-
-
-def _kill_group(proc: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
 
 
 class ExecProbe:
@@ -75,11 +69,11 @@ class ExecProbe:
             async with asyncio.timeout(self.timeout):
                 await proc.communicate(data)
         except TimeoutError:
-            _kill_group(proc)
+            kill_group(proc)
             await proc.wait()
             return decline(TIMED_OUT)
         except BaseException:
-            _kill_group(proc)
+            kill_group(proc)
             raise
         code = proc.returncode
         if code == 0:

@@ -13,15 +13,13 @@ summaries are the first 2048 bytes of each stream, whatever the file cap.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
-import signal
 from pathlib import Path
 from typing import BinaryIO
 
 from schemas.callbacks import RunCommandResult
 from worker import results
+from worker.children import kill_group
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +67,6 @@ class CappedOutput:
             )
 
 
-def kill_group(proc: asyncio.subprocess.Process) -> None:
-    """SIGKILL the child's process group (it must be started with
-    ``start_new_session=True``); a group already gone is fine."""
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
-
 async def supervise(
     proc: asyncio.subprocess.Process,
     stdout: CappedOutput,
@@ -100,9 +91,7 @@ async def supervise(
         return code
     finally:
         if proc.returncode is None:
-            kill_group(proc)
-            with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+            kill_group(proc)  # the child leads the group: no ``proc.kill()`` (see children)
             await _reap(proc)
         for pump in pumps:
             pump.cancel()
