@@ -7,7 +7,8 @@ before), that poll reaps it, and asyncio's child watcher, waiting on the same pi
 thread, gets ECHILD: it logs "Unknown child process pid …" and reports exit status 255
 instead of the real one (CPython gh-87744; since 3.13 asyncio sends the signal with
 ``os.kill`` itself, as these helpers do). Until asyncio has seen the exit, the pid is this
-process's child, alive or a zombie.
+process's child, alive or a zombie, but for the moment between the watcher's reap and its
+report to the loop (a window CPython accepts as well: a pid is not reused that fast).
 """
 
 from __future__ import annotations
