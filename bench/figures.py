@@ -229,15 +229,30 @@ def _fanout(raw: Raw) -> list[Figure]:
     """The fan-out's latency and where its time goes: the first bid, the CPU each
     responder spends per bid, and the floor all processes' CPU per round puts under it."""
     specs = [
-        ("fanout_p50", "fan-out to 10 nodes, all bids in, p50", "p50_ms", "ms", "10 echoes p50"),
-        ("fanout_p99", "fan-out to 10 nodes, all bids in, p99", "p99_ms", "ms", "10 echoes p99"),
-        ("fanout_first", "fan-out: first bid in, p50", "rank1_p50_ms", "ms", "first echo p50"),
+        (
+            "fanout_p50",
+            "fan-out to 10 nodes, all bids in, p50",
+            "p50_ms",
+            "ms",
+            "10 echoes p50",
+            "",
+        ),
+        (
+            "fanout_p99",
+            "fan-out to 10 nodes, all bids in, p99",
+            "p99_ms",
+            "ms",
+            "10 echoes p99",
+            "",
+        ),
+        ("fanout_first", "fan-out: first bid in, p50", "rank1_p50_ms", "ms", "first echo p50", ""),
         (
             "fanout_cpu_per_bid",
             "fan-out: CPU of a responder per bid",
             "responders_cpu_us_per_reply",
             "µs",
             "echo per reply",
+            "",
         ),
         (
             "fanout_cpu_floor",
@@ -245,10 +260,11 @@ def _fanout(raw: Raw) -> list[Figure]:
             "cpu_floor_ms",
             "ms",
             "with 10 echoes",
+            "report: all bids in cannot come sooner",
         ),
     ]
     out: list[Figure] = []
-    for key, label, field, unit, base_label in specs:
+    for key, label, field, unit, base_label, target in specs:
         f = _fig(
             raw,
             key,
@@ -256,7 +272,7 @@ def _fanout(raw: Raw) -> list[Figure]:
             ("fanout.node", field),
             unit,
             ("fanout.echo", field, base_label),
-            target="report: all bids in cannot come sooner" if key == "fanout_cpu_floor" else "",
+            target=target,
         )
         if f is not None:
             out.append(f)
